@@ -1,0 +1,1 @@
+"""Model definitions: the autoencoder (written once) and curves over any module."""

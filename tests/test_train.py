@@ -1,0 +1,219 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from PIL import Image
+
+import dataset
+import train
+import trainer
+from conftest import ROOT, TINY, run_script
+from models.autoencoder import Autoencoder
+from utils import Interrupted, UserError
+
+
+class HookedLoss(torch.nn.Module):
+    """The real loss with a hook called on every batch: hook(call_number, loss) -> loss."""
+
+    def __init__(self, inner, hook):
+        super().__init__()
+        self.inner, self.hook, self.calls = inner, hook, 0
+
+    def forward(self, out, x):
+        self.calls += 1
+        return self.hook(self.calls, self.inner(out, x))
+
+
+def hook_loss(monkeypatch, hook):
+    real_build = train.build_loss
+    monkeypatch.setattr(train, "build_loss", lambda *a, **k: HookedLoss(real_build(*a, **k), hook))
+
+
+def _states_equal(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _log(run_dir):
+    with open(os.path.join(run_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    """2 epochs straight, checkpoint every epoch: the reference for the resume tests."""
+    run_dir = tmp_path_factory.mktemp("straight")
+    args = train.get_args_parser().parse_args(
+        ["--dir", str(run_dir), *TINY, "--epochs", "2", "--save_freq", "1"])
+    train.main(args)
+    return run_dir
+
+
+def test_run_leaves_checkpoints_log_grid_and_command(straight_run):
+    files = set(os.listdir(straight_run))
+    assert {"checkpoint-1.pt", "checkpoint-2.pt", "checkpoint-last.pt", "log.jsonl",
+            "args.json", "command.txt", "recon"} <= files
+    assert not [f for f in files if ".tmp" in f]
+    log = _log(straight_run)
+    assert [r["epoch"] for r in log] == [1, 2]
+    assert [r["lr"] for r in log] == [trainer.learning_rate(1e-4, e, 2) for e in range(2)]
+    with Image.open(os.path.join(straight_run, "recon", "epoch-002.png")) as im:
+        assert im.size == (8 * 66 + 2, 2 * 66 + 2)  # 8 originals above 8 reconstructions
+    with open(os.path.join(straight_run, "args.json")) as f:
+        assert json.load(f)["in_filters"] == 4
+
+
+def test_checkpoint_rebuilds_the_model_and_reproduces_the_logged_test_loss(straight_run):
+    ck = trainer.load_checkpoint(os.path.join(straight_run, "checkpoint-2.pt"))
+    assert ck["kind"] == "autoencoder" and ck["epoch"] == 2
+    assert ck["model_config"] == dict(in_channels=3, in_filters=4, latent_dim=8, conv_init="normal")
+    model = Autoencoder(**ck["model_config"])
+    model.load_state_dict(ck["state_dict"])
+    model.eval()
+    _, test = dataset.split_images(dataset.synthetic_faces(160), 0.2)
+    x = dataset.to_float(test)
+    with torch.no_grad():
+        loss = (model(x) - x).abs().mean().item()  # L1 over the whole test split, by hand
+    assert loss == pytest.approx(_log(straight_run)[-1]["test_loss"], rel=1e-5)
+
+
+def test_training_lowers_the_loss(tmp_path, tiny_args):
+    # enough steps (40 per epoch) for BatchNorm's running statistics to settle for the test loss
+    train.main(tiny_args(tmp_path, "--epochs", "3", "--lr", "1e-3", "--max_images", "800", "--batch_size", "16"))
+    log = _log(tmp_path)
+    assert log[-1]["train_loss"] < 0.8 * log[0]["train_loss"]
+    assert log[-1]["test_loss"] < log[0]["test_loss"]
+
+
+def test_resume_from_an_epoch_checkpoint_equals_the_straight_run(straight_run, tmp_path, tiny_args):
+    train.main(tiny_args(tmp_path, "--epochs", "2", "--save_freq", "1",
+                         "--resume", os.path.join(straight_run, "checkpoint-1.pt")))
+    a = trainer.load_checkpoint(os.path.join(straight_run, "checkpoint-2.pt"))
+    b = trainer.load_checkpoint(os.path.join(tmp_path, "checkpoint-2.pt"))
+    assert _states_equal(a["state_dict"], b["state_dict"])
+    assert _log(tmp_path)[-1]["train_loss"] == _log(straight_run)[-1]["train_loss"]
+    assert _log(tmp_path)[-1]["test_loss"] == _log(straight_run)[-1]["test_loss"]
+
+
+def test_ctrl_c_mid_epoch_saves_a_checkpoint_that_resumes_exactly(straight_run, tmp_path, tiny_args, monkeypatch):
+    def ctrl_c(call, loss):
+        if call == 7:  # epoch 1: 4 train batches + 1 test batch; call 7 is the 2nd batch of epoch 2
+            signal.raise_signal(signal.SIGINT)
+        return loss
+    hook_loss(monkeypatch, ctrl_c)
+    with pytest.raises(Interrupted, match="resume with"):
+        train.main(tiny_args(tmp_path, "--epochs", "2", "--save_freq", "1"))
+    monkeypatch.undo()
+    last = os.path.join(tmp_path, "checkpoint-last.pt")
+    ck = trainer.load_checkpoint(last)
+    assert (ck["epoch"], ck["batch"]) == (1, 2)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    train.main(tiny_args(tmp_path, "--epochs", "2", "--save_freq", "1", "--resume", last))
+    a = trainer.load_checkpoint(os.path.join(straight_run, "checkpoint-2.pt"))
+    b = trainer.load_checkpoint(os.path.join(tmp_path, "checkpoint-2.pt"))
+    assert _states_equal(a["state_dict"], b["state_dict"])
+    assert _log(tmp_path)[-1]["train_loss"] == pytest.approx(_log(straight_run)[-1]["train_loss"], rel=1e-12)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_args, monkeypatch):
+    # calls 1-5 are epoch 1 (4 train batches, 1 test batch); from the 6th the loss is NaN
+    hook_loss(monkeypatch, lambda call, loss: loss * float("nan") if call > 5 else loss)
+    with pytest.raises(UserError, match="non-finite in epoch 2"):
+        train.main(tiny_args(tmp_path, "--epochs", "3"))
+    ck = trainer.load_checkpoint(os.path.join(tmp_path, "checkpoint-last.pt"))
+    assert ck["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in ck["state_dict"].values() if v.is_floating_point())
+
+
+def test_refuses_to_overwrite_a_run_and_checks_architecture_on_resume(straight_run, tmp_path, tiny_args):
+    with pytest.raises(UserError, match="already holds a run"):
+        train.main(tiny_args(straight_run, "--epochs", "2"))
+    args = train.get_args_parser().parse_args(
+        ["--dir", str(tmp_path), "--dataset", "synthetic", "--max_images", "160", "--device", "cpu",
+         "--in_filters", "8", "--latent_dim", "8", "--epochs", "3",
+         "--resume", os.path.join(straight_run, "checkpoint-1.pt")])
+    with pytest.raises(UserError, match="in_filters: 8 given, 4 in the checkpoint"):
+        train.main(args)
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_checkpoint_crafted_to_run_code_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    exploit = _Exploit()
+    exploit.marker = marker
+    bad = tmp_path / "evil.pt"
+    torch.save({"format": trainer.CHECKPOINT_FORMAT, "kind": "autoencoder", "x": exploit}, bad)
+    with pytest.raises(UserError, match="refused"):
+        trainer.load_checkpoint(str(bad))
+    assert not marker.exists()
+    r = run_script("train.py", "--dir", tmp_path / "run", *TINY, "--resume", bad)
+    assert r.returncode == 2 and "refused" in r.stderr and "Traceback" not in r.stderr
+    assert not marker.exists()
+
+
+def _bad_input_cases(tmp):
+    os.makedirs(os.path.join(tmp, "empty"), exist_ok=True)
+    with open(os.path.join(tmp, "corrupt.pt"), "wb") as f:
+        f.write(b"PK\x03\x04 this is not really a zip")
+    torch.save({"weights": torch.zeros(3)}, os.path.join(tmp, "foreign.pt"))
+    base = ["--dir", os.path.join(tmp, "run"), "--device", "cpu", "--num_workers", "0"]
+    syn = base + ["--dataset", "synthetic", "--max_images", "40", "--in_filters", "4", "--latent_dim", "8"]
+    return {
+        "missing data path": (base + ["--dataset", "folder", "--data_path", os.path.join(tmp, "nope")], "does not exist"),
+        "image-less folder": (base + ["--dataset", "folder", "--data_path", os.path.join(tmp, "empty")], "no images"),
+        "unreachable download": (base + ["--dataset", "celeba", "--data_path", os.path.join(tmp, "celeba")], "could not download CelebA"),
+        "unknown loss": (syn + ["--loss_function", "mse"], "invalid choice"),
+        "unknown init": (syn + ["--conv_init", "xavier"], "invalid choice"),
+        "zero epochs": (syn + ["--epochs", "0"], "must be positive"),
+        "negative batch": (syn + ["--batch_size", "-4"], "must be positive"),
+        "zero lr": (syn + ["--lr", "0"], "must be positive"),
+        "unknown device": (syn + ["--device", "tpu9"], "--device"),
+        "resume missing": (syn + ["--resume", os.path.join(tmp, "nothing.pt")], "does not exist"),
+        "resume corrupt": (syn + ["--resume", os.path.join(tmp, "corrupt.pt")], "corrupt"),
+        "resume foreign": (syn + ["--resume", os.path.join(tmp, "foreign.pt")], "not a checkpoint written by this tool"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_input_cases("/tmp/x").keys()))
+def test_bad_input_gives_one_line_and_nonzero_exit(tmp_path, case):
+    argv, expected = _bad_input_cases(str(tmp_path))[case]
+    env = dict(os.environ, HTTPS_PROXY="http://127.0.0.1:9", HTTP_PROXY="http://127.0.0.1:9")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *argv],
+                       capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
+    assert r.returncode == 2, r.stderr
+    errors = [line for line in r.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and expected in errors[0], r.stderr
+    assert "Traceback" not in r.stderr
+    if case == "unreachable download":
+        assert os.listdir(os.path.join(tmp_path, "celeba")) == []
+
+
+@pytest.mark.slow
+def test_kill_9_at_any_moment_leaves_loadable_checkpoints(tmp_path):
+    run_dir = tmp_path / "run"
+    argv = [sys.executable, os.path.join(ROOT, "train.py"), "--dir", str(run_dir), "--dataset", "synthetic",
+            "--max_images", "40", "--in_filters", "24", "--latent_dim", "8", "--batch_size", "32",
+            "--device", "cpu", "--epochs", "1000", "--save_freq", "1"]
+    last = run_dir / "checkpoint-last.pt"
+    for attempt, delay in enumerate([0.0, 0.13, 0.37]):
+        extra = ["--resume", str(last)] if attempt else []
+        proc = subprocess.Popen(argv + extra, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+        seen = os.path.getmtime(last) if last.exists() else 0
+        deadline = time.time() + 120
+        while time.time() < deadline and (not last.exists() or os.path.getmtime(last) == seen):
+            time.sleep(0.02)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        for f in os.listdir(run_dir):
+            if f.endswith(".pt") and not f.startswith("."):
+                trainer.load_checkpoint(str(run_dir / f))  # raises if half-written
+    assert trainer.load_checkpoint(str(last))["epoch"] >= 2

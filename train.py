@@ -1,0 +1,217 @@
+"""Train an endpoint autoencoder, or (with --curve) a Bezier / PolyChain curve between two of them.
+
+    python train.py --dir runs/ae1 --dataset synthetic --epochs 10
+    python train.py --dir runs/ae1 ... --resume runs/ae1/checkpoint-last.pt
+
+Each epoch prints one line, appends one JSON line to <dir>/log.jsonl and writes a PNG of test
+images above their reconstructions to <dir>/recon/. checkpoint-last.pt is rewritten after every
+epoch (and on Ctrl-C, mid-epoch), checkpoint-<epoch>.pt every --save_freq epochs and at the end.
+Losses are computed on images in [-1, 1].
+"""
+import argparse
+import os
+import sys
+import time
+
+import torch
+import torchvision.utils as vutils
+
+import dataset as data
+import trainer
+from losses import LOSSES, build_loss
+from models.autoencoder import INITS, Autoencoder
+from utils import (ArgParser, Interrupted, RunDir, StopRequest, UserError, default_device,
+                   positive, resolve_device, run_cli, seed_everything)
+
+ARCH_DEFAULTS = dict(in_channels=3, in_filters=64, latent_dim=128)
+RUN_DEFAULTS = dict(loss_function="mae", num_filters=5)  # what the run optimises
+
+
+def get_args_parser():
+    p = ArgParser("train.py", description=__doc__.split("\n")[0])
+    g = p.add_argument_group("run")
+    g.add_argument("--dir", required=True, help="run directory for checkpoints and logs")
+    g.add_argument("--device", default=default_device(), help="torch device (default: cuda if present)")
+    g.add_argument("--seed", type=int, default=1, help="seed for init, shuffling, noise, dropout")
+    g.add_argument("--resume", default=None, metavar="CKPT", help="continue the run saved in CKPT")
+    g.add_argument("--epochs", type=positive(int), default=100)
+    g.add_argument("--save_freq", type=positive(int), default=5, help="checkpoint every N epochs")
+    g.add_argument("--save_final", action=argparse.BooleanOptionalAction, default=True,
+                   help="write checkpoint-<epochs>.pt at the end (default: on)")
+    g.add_argument("--verbose", action="store_true", help="print the model and the configuration")
+    g.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard (if installed)")
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", choices=data.DATASETS, default="celeba")
+    g.add_argument("--data_path", default="data", help="CelebA root or image folder (default: data)")
+    g.add_argument("--max_images", type=positive(int), default=None,
+                   help=f"use the first N images (synthetic default: {data.SYNTHETIC_DEFAULT_COUNT})")
+    g.add_argument("--test_fraction", type=float, default=0.2, help="test share of the split (4:1)")
+    g.add_argument("--batch_size", type=positive(int), default=64)
+    g.add_argument("--num_workers", type=int, default=4, help="processes decoding images for the cache")
+    g.add_argument("--noise_std", type=float, default=0.05, help="denoising input noise std (0: off)")
+    g = p.add_argument_group("model and loss (default: from the checkpoint, else the original's)")
+    g.add_argument("--loss_function", choices=LOSSES, default=None, help="mae (default) or laplacian")
+    g.add_argument("--num_filters", type=positive(int), default=None, help="Laplacian pyramid levels (5)")
+    g.add_argument("--in_channels", type=positive(int), default=None, help="image channels (3)")
+    g.add_argument("--in_filters", type=positive(int), default=None, help="base width f (64)")
+    g.add_argument("--latent_dim", type=positive(int), default=None, help="embedding size (128)")
+    g.add_argument("--conv_init", choices=INITS, default="normal")
+    g = p.add_argument_group("optimizer")
+    g.add_argument("--optim_name", choices=("Adam", "SGD"), default="Adam")
+    g.add_argument("--lr", type=positive(float), default=1e-4, help="initial learning rate")
+    g.add_argument("--beta_1", type=float, default=0.5)
+    g.add_argument("--beta_2", type=float, default=0.999)
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    g.add_argument("--wd", type=float, default=1e-6, help="weight decay")
+    return p
+
+
+def resolve(args, saved, defaults):
+    """Settings from flags, else from a saved run's args, else defaults; a flag that contradicts
+    the saved run is an error naming the difference."""
+    given = {k: getattr(args, k) for k in defaults}
+    if saved is not None:
+        trainer.check_config(given, saved, "the checkpoint")
+    return {k: given[k] if given[k] is not None else (saved or {}).get(k, defaults[k])
+            for k in defaults}
+
+
+def check_run_dir(args):
+    """Refuse to start a fresh run on top of another one (it would overwrite its checkpoints)."""
+    if args.resume is None and os.path.isfile(os.path.join(args.dir, "log.jsonl")):
+        raise UserError(f"{args.dir} already holds a run; continue it with --resume "
+                        f"{os.path.join(args.dir, 'checkpoint-last.pt')} or choose a new --dir")
+
+
+def build_endpoint(args, resume):
+    saved_cfg = resume["model_config"] if resume else None
+    arch = resolve(args, saved_cfg, ARCH_DEFAULTS)
+    if arch["in_channels"] != 3:
+        raise UserError(f"--in_channels {arch['in_channels']}: the images are RGB (3 channels)")
+    conv_init = saved_cfg["conv_init"] if saved_cfg else args.conv_init
+    model = Autoencoder(**arch, conv_init=conv_init)
+    return model, model.config
+
+
+def make_optimizer(args, params, weight_decay):
+    if args.optim_name == "Adam":
+        return torch.optim.Adam(params, lr=args.lr, betas=(args.beta_1, args.beta_2),
+                                weight_decay=weight_decay)
+    return torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=weight_decay)
+
+
+def save_reconstructions(model, images, path):
+    """Test originals (top row) above their reconstructions (bottom row), as one PNG."""
+    model.eval()
+    with torch.no_grad():
+        recon = model(images)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    vutils.save_image(torch.cat([images, recon]).cpu(), path, nrow=len(images),
+                      normalize=True, value_range=(-1, 1))
+
+
+def open_tensorboard(args):
+    if not args.tensorboard:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        print("note: --tensorboard needs the tensorboard package (pip install tensorboard); "
+              "logging to log.jsonl only", file=sys.stderr)
+        return None
+    return SummaryWriter(log_dir=os.path.join(args.dir, "tensorboard"))
+
+
+def main(args):
+    device = resolve_device(args.device)
+    resume = trainer.load_checkpoint(args.resume, kind=None, flag="--resume") if args.resume else None
+    saved_args = resume["args"] if resume else None
+    run_cfg = resolve(args, saved_args, RUN_DEFAULTS)
+    args.loss_function, args.num_filters = run_cfg["loss_function"], run_cfg["num_filters"]
+    check_run_dir(args)
+    run = RunDir(args.dir)
+    loss_fn = build_loss(args.loss_function, args.num_filters).to(device)
+
+    seed_everything(args.seed)
+    train_loader, test_loader = data.build_loaders(args, device)
+    model, model_config = build_endpoint(args, resume)
+    for k, v in model_config.items():
+        setattr(args, k, v)
+    model.to(device)
+    optimizer = make_optimizer(args, [p for p in model.parameters() if p.requires_grad], args.wd)
+    run.save_args(args)
+    if args.verbose:
+        print(model)
+        print(vars(args))
+
+    epoch, position = 0, None
+    if resume:
+        model.load_state_dict(resume["state_dict"])
+        optimizer.load_state_dict(resume["optimizer"])
+        epoch = resume["epoch"]
+        if resume.get("batch", 0) > 0:
+            position = resume["sums"]
+        trainer.set_rng_state(resume["rng"])
+        print(f"resuming {args.resume} at epoch {epoch + 1}"
+              + (f", batch {position['batches']}" if position else ""))
+    if epoch >= args.epochs:
+        raise UserError(f"the checkpoint has already completed {epoch} epochs; raise --epochs")
+
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"{n_params:,} parameters; {train_loader.num_images} train / {test_loader.num_images} "
+          f"test images; loss {args.loss_function} on [-1, 1] images; device {device}")
+    sample = next(iter(test_loader))[:8]
+    writer = open_tensorboard(args)
+    last = run.file("checkpoint-last.pt")
+
+    def checkpoint(epoch, sums=None):
+        return dict(kind="autoencoder", model_config=model_config, curve_config=None,
+                    state_dict=model.state_dict(), optimizer=optimizer.state_dict(),
+                    epoch=epoch, batch=sums["batches"] if sums else 0, sums=sums,
+                    args=vars(args), rng=trainer.rng_state())
+
+    with StopRequest().installed() as stop:
+        while epoch < args.epochs:
+            started = time.time()
+            lr = trainer.learning_rate(args.lr, epoch, args.epochs)
+            trainer.set_learning_rate(optimizer, lr)
+            train_loader.set_epoch(epoch)
+            try:
+                sums = trainer.train_one_epoch(
+                    model, train_loader, optimizer, loss_fn, noise_std=args.noise_std,
+                    start=position["batches"] if position else 0, sums=position, stop=stop,
+                    desc=f"epoch {epoch + 1}/{args.epochs}")
+            except trainer.NonFiniteLoss as e:
+                kept = f"the last good checkpoint is {last}" if os.path.exists(last) else "no checkpoint was written"
+                raise UserError(f"the training loss became non-finite in epoch {epoch + 1} ({e}); "
+                                f"stopped, {kept}; try a lower --lr")
+            position = None
+            if sums["batches"] < len(train_loader):  # Ctrl-C mid-epoch
+                trainer.save_checkpoint(last, checkpoint(epoch, sums))
+                raise Interrupted(f"interrupted in epoch {epoch + 1} at batch {sums['batches']}; "
+                                  f"resume with --resume {last}")
+            train_loss = sums["loss_sum"] / sums["count"]
+            test_loss = trainer.evaluate(model, test_loader, {"loss": loss_fn})["loss"]
+            epoch += 1
+            record = dict(epoch=epoch, lr=lr, train_loss=train_loss, test_loss=test_loss,
+                          time=round(time.time() - started, 2))
+            print(f"epoch {epoch:4d}/{args.epochs}  lr {lr:.2e}  train {train_loss:.5f}  "
+                  f"test {test_loss:.5f}  {record['time']:.1f}s", flush=True)
+            run.log(record)
+            if writer is not None:
+                for k in ("lr", "train_loss", "test_loss"):
+                    writer.add_scalar(k, record[k], epoch)
+            save_reconstructions(model, sample, run.file(f"recon/epoch-{epoch:03d}.png"))
+            state = checkpoint(epoch)
+            trainer.save_checkpoint(last, state)
+            if epoch % args.save_freq == 0 or (epoch == args.epochs and args.save_final):
+                trainer.save_checkpoint(run.file(f"checkpoint-{epoch}.pt"), state)
+            if stop.requested and epoch < args.epochs:
+                raise Interrupted(f"interrupted after epoch {epoch}; resume with --resume {last}")
+    if writer is not None:
+        writer.close()
+    print(f"done: checkpoints in {args.dir}")
+
+
+if __name__ == "__main__":
+    run_cli(main, get_args_parser())
