@@ -19,9 +19,15 @@ $(VENV)/.installed: requirements.txt requirements-test.txt
 demo: $(VENV)/.installed
 	rm -rf $(DEMO)
 	$(PY) train.py --dir $(DEMO)/endpoint1 $(SMALL) --epochs 8 --conv_init normal --seed 1
+	$(PY) train.py --dir $(DEMO)/endpoint2 $(SMALL) --epochs 8 --conv_init kaiming_normal --seed 2
+	$(PY) train.py --dir $(DEMO)/curve $(SMALL) --epochs 8 --curve Bezier --num_bends 3 \
+		--init_start $(DEMO)/endpoint1/checkpoint-8.pt --init_end $(DEMO)/endpoint2/checkpoint-8.pt \
+		--fix_start --fix_end
+	$(PY) check_ends.py --ckpt $(DEMO)/curve/checkpoint-8.pt
 	@echo
-	@echo "demo done: checkpoints, log.jsonl and reconstruction grids in $(DEMO)/"
-	@echo "  last reconstructions: $(DEMO)/endpoint1/recon/epoch-008.png"
+	@echo "demo done, everything is in $(DEMO)/:"
+	@echo "  endpoint and curve checkpoints, log.jsonl, recon/ grids per epoch"
+	@echo "  check_ends grids: $(DEMO)/curve/check_ends-t0.png, check_ends-t1.png"
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q

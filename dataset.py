@@ -418,11 +418,39 @@ class TensorLoader:
         return self.batches()
 
 
+DATA_DEFAULTS = dict(dataset="celeba", data_path="data", max_images=None, test_fraction=0.2,
+                     batch_size=64, num_workers=4)
+
+
+def add_data_args(parser, inherit=False):
+    """The data flags every script shares. With `inherit`, a flag left out takes the value the
+    checkpoint's run used (see `inherit_data_args`)."""
+    from utils import positive
+    d = (lambda k: None) if inherit else DATA_DEFAULTS.get
+    g = parser.add_argument_group("data" + (" (default: as in the checkpoint's run)" if inherit else ""))
+    g.add_argument("--dataset", choices=DATASETS, default=d("dataset"), help="celeba, folder or synthetic")
+    g.add_argument("--data_path", default=d("data_path"), help="CelebA root or image folder (data)")
+    g.add_argument("--max_images", type=positive(int), default=d("max_images"),
+                   help=f"use the first N images (synthetic default: {SYNTHETIC_DEFAULT_COUNT})")
+    g.add_argument("--test_fraction", type=float, default=d("test_fraction"), help="test share of the 4:1 split")
+    g.add_argument("--batch_size", type=positive(int), default=d("batch_size"), help="(64)")
+    g.add_argument("--num_workers", type=int, default=d("num_workers"),
+                   help="processes decoding images for the cache (4)")
+    return g
+
+
+def inherit_data_args(args, saved_args):
+    """Fill the data flags left out (None) from a checkpoint's args, else the defaults."""
+    for key, default in DATA_DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, (saved_args or {}).get(key, default))
+
+
 def build_loaders(args, device):
     """(train_loader, test_loader) for the run's data flags; train is shuffled by --seed."""
     images = load_images(args.dataset, args.data_path, args.max_images, args.num_workers)
     train, test = split_images(images, args.test_fraction)
-    return (TensorLoader(train, args.batch_size, device, shuffle=True, seed=args.seed),
+    return (TensorLoader(train, args.batch_size, device, shuffle=True, seed=getattr(args, "seed", 0)),
             TensorLoader(test, args.batch_size, device))
 
 

@@ -2,6 +2,12 @@
 
     python train.py --dir runs/ae1 --dataset synthetic --epochs 10
     python train.py --dir runs/ae1 ... --resume runs/ae1/checkpoint-last.pt
+    python train.py --dir runs/curve --curve Bezier --num_bends 3 --fix_start --fix_end \
+        --init_start runs/ae1/checkpoint-10.pt --init_end runs/ae2/checkpoint-10.pt ...
+
+A curve samples one t ~ U(0, 1) per batch and minimises the reconstruction loss at theta(t) plus
+0.5 * wd * ||theta(t)||^2; each epoch it also reports the test loss at t = 0.5 with BatchNorm
+re-estimated on a fixed subset of training batches.
 
 Each epoch prints one line, appends one JSON line to <dir>/log.jsonl and writes a PNG of test
 images above their reconstructions to <dir>/recon/. checkpoint-last.pt is rewritten after every
@@ -20,8 +26,9 @@ import dataset as data
 import trainer
 from losses import LOSSES, build_loss
 from models.autoencoder import INITS, Autoencoder
+from models.curves import CurveNet, curve_class
 from utils import (ArgParser, Interrupted, RunDir, StopRequest, UserError, default_device,
-                   positive, resolve_device, run_cli, seed_everything)
+                   positive, resolve_device, run_cli, seed_everything, sha256, update_bn)
 
 ARCH_DEFAULTS = dict(in_channels=3, in_filters=64, latent_dim=128)
 RUN_DEFAULTS = dict(loss_function="mae", num_filters=5)  # what the run optimises
@@ -40,14 +47,7 @@ def get_args_parser():
                    help="write checkpoint-<epochs>.pt at the end (default: on)")
     g.add_argument("--verbose", action="store_true", help="print the model and the configuration")
     g.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard (if installed)")
-    g = p.add_argument_group("data")
-    g.add_argument("--dataset", choices=data.DATASETS, default="celeba")
-    g.add_argument("--data_path", default="data", help="CelebA root or image folder (default: data)")
-    g.add_argument("--max_images", type=positive(int), default=None,
-                   help=f"use the first N images (synthetic default: {data.SYNTHETIC_DEFAULT_COUNT})")
-    g.add_argument("--test_fraction", type=float, default=0.2, help="test share of the split (4:1)")
-    g.add_argument("--batch_size", type=positive(int), default=64)
-    g.add_argument("--num_workers", type=int, default=4, help="processes decoding images for the cache")
+    g = data.add_data_args(p)
     g.add_argument("--noise_std", type=float, default=0.05, help="denoising input noise std (0: off)")
     g = p.add_argument_group("model and loss (default: from the checkpoint, else the original's)")
     g.add_argument("--loss_function", choices=LOSSES, default=None, help="mae (default) or laplacian")
@@ -62,8 +62,27 @@ def get_args_parser():
     g.add_argument("--beta_1", type=float, default=0.5)
     g.add_argument("--beta_2", type=float, default=0.999)
     g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    g.add_argument("--wd", type=float, default=1e-6, help="weight decay")
+    g.add_argument("--wd", type=float, default=1e-6,
+                   help="weight decay (for a curve: 0.5 * wd * ||theta(t)||^2 added to the loss)")
+    g = p.add_argument_group("curve (default: from the checkpoint when resuming)")
+    g.add_argument("--curve", type=curve_name, default=None, help="Bezier or PolyChain: train a curve")
+    g.add_argument("--num_bends", type=positive(int), default=None, help="bends including both ends (3)")
+    g.add_argument("--init_start", default=None, metavar="CKPT", help="endpoint checkpoint for t = 0")
+    g.add_argument("--init_end", default=None, metavar="CKPT", help="endpoint checkpoint for t = 1")
+    g.add_argument("--fix_start", action="store_true", help="keep the t = 0 end fixed")
+    g.add_argument("--fix_end", action="store_true", help="keep the t = 1 end fixed")
+    g.add_argument("--init_linear_off", action="store_true",
+                   help="do not place the interior bends on the segment between the ends")
+    g.add_argument("--midpoint_bn_batches", type=positive(int), default=10,
+                   help="training batches for BatchNorm at t = 0.5 in the per-epoch report (10)")
     return p
+
+
+def curve_name(text):
+    try:
+        return curve_class(text).__name__
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e))
 
 
 def resolve(args, saved, defaults):
@@ -90,7 +109,44 @@ def build_endpoint(args, resume):
         raise UserError(f"--in_channels {arch['in_channels']}: the images are RGB (3 channels)")
     conv_init = saved_cfg["conv_init"] if saved_cfg else args.conv_init
     model = Autoencoder(**arch, conv_init=conv_init)
-    return model, model.config
+    return model, model.config, None
+
+
+def build_curve(args, resume):
+    """A CurveNet between the endpoint checkpoints (or, on --resume, as the checkpoint says)."""
+    if resume:
+        cfg = resume["curve_config"]
+        trainer.check_config({"curve": args.curve, "num_bends": args.num_bends}, cfg, "the checkpoint")
+        arch = resolve(args, resume["model_config"], ARCH_DEFAULTS)
+        base = Autoencoder(**arch, conv_init=resume["model_config"]["conv_init"])
+        net = CurveNet(base, cfg["curve"], cfg["num_bends"], cfg["fix_start"], cfg["fix_end"])
+        return net, base.config, cfg
+    num_bends = args.num_bends or 3
+    ends = [trainer.load_endpoint(p, flag) if p else (None, None)
+            for p, flag in ((args.init_start, "--init_start"), (args.init_end, "--init_end"))]
+    configs = [ck["model_config"] for _, ck in ends if ck]
+    if len(configs) == 2:
+        trainer.check_same_architecture(configs, (args.init_start, args.init_end))
+    if len(configs) < 2:
+        print("warning: without --init_start and --init_end the ends of the curve start from the "
+              f"--conv_init {args.conv_init} initialisation", file=sys.stderr)
+    arch = resolve(args, configs[0] if configs else None, ARCH_DEFAULTS)
+    base = Autoencoder(**arch, conv_init=args.conv_init)
+    try:
+        net = CurveNet(base, args.curve, num_bends, args.fix_start, args.fix_end)
+    except ValueError as e:
+        raise UserError(str(e))
+    for index, (model, _) in ((0, ends[0]), (num_bends - 1, ends[1])):
+        if model is not None:
+            net.import_base(model, index)
+    if not args.init_linear_off:
+        net.init_linear()
+    cfg = dict(curve=net.curve, num_bends=num_bends, fix_start=args.fix_start, fix_end=args.fix_end,
+               init_linear=not args.init_linear_off)
+    for key, path in (("init_start", args.init_start), ("init_end", args.init_end)):
+        cfg[key] = os.path.abspath(path) if path else None
+        cfg[key + "_sha256"] = sha256(path) if path else None
+    return net, base.config, cfg
 
 
 def make_optimizer(args, params, weight_decay):
@@ -125,6 +181,12 @@ def open_tensorboard(args):
 def main(args):
     device = resolve_device(args.device)
     resume = trainer.load_checkpoint(args.resume, kind=None, flag="--resume") if args.resume else None
+    if resume and resume.get("optimizer") is None:
+        raise UserError(f"--resume {args.resume} is a point extracted from a curve, not a training "
+                        "state; use it as --init_start / --init_end")
+    if resume and args.curve and resume["kind"] != "curve":
+        raise UserError(f"--resume {args.resume} holds an autoencoder, not a curve; drop --curve")
+    is_curve = bool(args.curve) or (resume is not None and resume["kind"] == "curve")
     saved_args = resume["args"] if resume else None
     run_cfg = resolve(args, saved_args, RUN_DEFAULTS)
     args.loss_function, args.num_filters = run_cfg["loss_function"], run_cfg["num_filters"]
@@ -134,11 +196,15 @@ def main(args):
 
     seed_everything(args.seed)
     train_loader, test_loader = data.build_loaders(args, device)
-    model, model_config = build_endpoint(args, resume)
-    for k, v in model_config.items():
-        setattr(args, k, v)
+    model, model_config, curve_config = (build_curve if is_curve else build_endpoint)(args, resume)
+    for k, v in {**model_config, **(curve_config or {})}.items():
+        if hasattr(args, k):
+            setattr(args, k, v)
     model.to(device)
-    optimizer = make_optimizer(args, [p for p in model.parameters() if p.requires_grad], args.wd)
+    # a curve's weight decay is the explicit 0.5 * wd * ||theta(t)||^2 term, not the optimizer's
+    optimizer = make_optimizer(args, [p for p in model.parameters() if p.requires_grad],
+                               0.0 if is_curve else args.wd)
+    curve_wd = args.wd if is_curve else 0.0
     run.save_args(args)
     if args.verbose:
         print(model)
@@ -157,15 +223,17 @@ def main(args):
     if epoch >= args.epochs:
         raise UserError(f"the checkpoint has already completed {epoch} epochs; raise --epochs")
 
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"{n_params:,} parameters; {train_loader.num_images} train / {test_loader.num_images} "
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    what = (f"{curve_config['curve']} curve, {curve_config['num_bends']} bends: " if is_curve else "")
+    print(f"{what}{n_params:,} trainable parameters; {train_loader.num_images} train / {test_loader.num_images} "
           f"test images; loss {args.loss_function} on [-1, 1] images; device {device}")
     sample = next(iter(test_loader))[:8]
     writer = open_tensorboard(args)
     last = run.file("checkpoint-last.pt")
 
     def checkpoint(epoch, sums=None):
-        return dict(kind="autoencoder", model_config=model_config, curve_config=None,
+        return dict(kind="curve" if is_curve else "autoencoder", model_config=model_config,
+                    curve_config=curve_config,
                     state_dict=model.state_dict(), optimizer=optimizer.state_dict(),
                     epoch=epoch, batch=sums["batches"] if sums else 0, sums=sums,
                     args=vars(args), rng=trainer.rng_state())
@@ -178,7 +246,7 @@ def main(args):
             train_loader.set_epoch(epoch)
             try:
                 sums = trainer.train_one_epoch(
-                    model, train_loader, optimizer, loss_fn, noise_std=args.noise_std,
+                    model, train_loader, optimizer, loss_fn, noise_std=args.noise_std, curve_wd=curve_wd,
                     start=position["batches"] if position else 0, sums=position, stop=stop,
                     desc=f"epoch {epoch + 1}/{args.epochs}")
             except trainer.NonFiniteLoss as e:
@@ -191,17 +259,24 @@ def main(args):
                 raise Interrupted(f"interrupted in epoch {epoch + 1} at batch {sums['batches']}; "
                                   f"resume with --resume {last}")
             train_loss = sums["loss_sum"] / sums["count"]
-            test_loss = trainer.evaluate(model, test_loader, {"loss": loss_fn})["loss"]
+            evaluated = model
+            if is_curve:  # the midpoint, BatchNorm re-estimated on a fixed subset of training batches
+                evaluated = model.point_at(0.5)
+                update_bn(train_loader.ordered(), evaluated, num_batches=args.midpoint_bn_batches)
+            test_loss = trainer.evaluate(evaluated, test_loader, {"loss": loss_fn})["loss"]
             epoch += 1
-            record = dict(epoch=epoch, lr=lr, train_loss=train_loss, test_loss=test_loss,
-                          time=round(time.time() - started, 2))
-            print(f"epoch {epoch:4d}/{args.epochs}  lr {lr:.2e}  train {train_loss:.5f}  "
-                  f"test {test_loss:.5f}  {record['time']:.1f}s", flush=True)
+            record = dict(epoch=epoch, lr=lr, train_loss=train_loss, test_loss=test_loss)
+            if is_curve:
+                record.update(test_loss_at="t=0.5", reg=sums["reg_sum"] / sums["count"])
+            record["time"] = round(time.time() - started, 2)
+            extra = f"  reg {record['reg']:.5f}" if is_curve else ""
+            print(f"epoch {epoch:4d}/{args.epochs}  lr {lr:.2e}  train {train_loss:.5f}{extra}  "
+                  f"test{'@t=0.5' if is_curve else ''} {test_loss:.5f}  {record['time']:.1f}s", flush=True)
             run.log(record)
             if writer is not None:
                 for k in ("lr", "train_loss", "test_loss"):
                     writer.add_scalar(k, record[k], epoch)
-            save_reconstructions(model, sample, run.file(f"recon/epoch-{epoch:03d}.png"))
+            save_reconstructions(evaluated, sample, run.file(f"recon/epoch-{epoch:03d}.png"))
             state = checkpoint(epoch)
             trainer.save_checkpoint(last, state)
             if epoch % args.save_freq == 0 or (epoch == args.epochs and args.save_final):

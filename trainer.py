@@ -9,6 +9,7 @@ from tqdm import tqdm
 from utils import UserError
 
 CHECKPOINT_FORMAT = "ae-mode-connectivity/1"
+ARCH_KEYS = ("in_channels", "in_filters", "latent_dim")  # what two endpoints must share
 FINITE_CHECK_EVERY = 20  # batches between host syncs (non-finite check, progress bar update)
 
 
@@ -154,3 +155,29 @@ def check_config(given, saved, what):
              for k in given if given[k] is not None and given[k] != saved.get(k)]
     if diffs:
         raise UserError(f"settings differ from {what}: " + "; ".join(diffs))
+
+
+def model_from_checkpoint(checkpoint):
+    """Rebuild the saved Autoencoder or CurveNet from a checkpoint alone, weights loaded."""
+    from models.autoencoder import Autoencoder
+    from models.curves import CurveNet
+    model = Autoencoder(**checkpoint["model_config"])
+    if checkpoint["kind"] == "curve":
+        c = checkpoint["curve_config"]
+        model = CurveNet(model, c["curve"], c["num_bends"], c["fix_start"], c["fix_end"])
+    model.load_state_dict(checkpoint["state_dict"])
+    return model
+
+
+def load_endpoint(path, flag, map_location="cpu"):
+    """An endpoint checkpoint -> (Autoencoder with its weights and buffers, checkpoint)."""
+    ck = load_checkpoint(path, map_location=map_location, kind="autoencoder", flag=flag)
+    return model_from_checkpoint(ck), ck
+
+
+def check_same_architecture(configs, names):
+    """Two endpoints must share every architecture setting."""
+    (a, b), (na, nb) = configs, names
+    diffs = [f"{k} {a[k]} ({na}) vs {b[k]} ({nb})" for k in ARCH_KEYS if a[k] != b[k]]
+    if diffs:
+        raise UserError("the endpoints have different architectures: " + "; ".join(diffs))

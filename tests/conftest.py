@@ -21,6 +21,13 @@ def tiny_args():
     return make
 
 
+def read_log(run_dir):
+    """The JSON lines of a run's log.jsonl."""
+    import json
+    with open(os.path.join(run_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
 def run_script(script, *argv, cwd=ROOT, timeout=300):
     """Run a project script as users do; returns the CompletedProcess (text output)."""
     import subprocess

@@ -12,7 +12,7 @@ from PIL import Image
 import dataset
 import train
 import trainer
-from conftest import ROOT, TINY, run_script
+from conftest import read_log, ROOT, TINY, run_script
 from models.autoencoder import Autoencoder
 from utils import Interrupted, UserError
 
@@ -38,11 +38,6 @@ def _states_equal(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def _log(run_dir):
-    with open(os.path.join(run_dir, "log.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
 @pytest.fixture(scope="module")
 def straight_run(tmp_path_factory):
     """2 epochs straight, checkpoint every epoch: the reference for the resume tests."""
@@ -58,7 +53,7 @@ def test_run_leaves_checkpoints_log_grid_and_command(straight_run):
     assert {"checkpoint-1.pt", "checkpoint-2.pt", "checkpoint-last.pt", "log.jsonl",
             "args.json", "command.txt", "recon"} <= files
     assert not [f for f in files if ".tmp" in f]
-    log = _log(straight_run)
+    log = read_log(straight_run)
     assert [r["epoch"] for r in log] == [1, 2]
     assert [r["lr"] for r in log] == [trainer.learning_rate(1e-4, e, 2) for e in range(2)]
     with Image.open(os.path.join(straight_run, "recon", "epoch-002.png")) as im:
@@ -78,13 +73,13 @@ def test_checkpoint_rebuilds_the_model_and_reproduces_the_logged_test_loss(strai
     x = dataset.to_float(test)
     with torch.no_grad():
         loss = (model(x) - x).abs().mean().item()  # L1 over the whole test split, by hand
-    assert loss == pytest.approx(_log(straight_run)[-1]["test_loss"], rel=1e-5)
+    assert loss == pytest.approx(read_log(straight_run)[-1]["test_loss"], rel=1e-5)
 
 
 def test_training_lowers_the_loss(tmp_path, tiny_args):
     # enough steps (40 per epoch) for BatchNorm's running statistics to settle for the test loss
     train.main(tiny_args(tmp_path, "--epochs", "3", "--lr", "1e-3", "--max_images", "800", "--batch_size", "16"))
-    log = _log(tmp_path)
+    log = read_log(tmp_path)
     assert log[-1]["train_loss"] < 0.8 * log[0]["train_loss"]
     assert log[-1]["test_loss"] < log[0]["test_loss"]
 
@@ -95,8 +90,8 @@ def test_resume_from_an_epoch_checkpoint_equals_the_straight_run(straight_run, t
     a = trainer.load_checkpoint(os.path.join(straight_run, "checkpoint-2.pt"))
     b = trainer.load_checkpoint(os.path.join(tmp_path, "checkpoint-2.pt"))
     assert _states_equal(a["state_dict"], b["state_dict"])
-    assert _log(tmp_path)[-1]["train_loss"] == _log(straight_run)[-1]["train_loss"]
-    assert _log(tmp_path)[-1]["test_loss"] == _log(straight_run)[-1]["test_loss"]
+    assert read_log(tmp_path)[-1]["train_loss"] == read_log(straight_run)[-1]["train_loss"]
+    assert read_log(tmp_path)[-1]["test_loss"] == read_log(straight_run)[-1]["test_loss"]
 
 
 def test_ctrl_c_mid_epoch_saves_a_checkpoint_that_resumes_exactly(straight_run, tmp_path, tiny_args, monkeypatch):
@@ -116,7 +111,7 @@ def test_ctrl_c_mid_epoch_saves_a_checkpoint_that_resumes_exactly(straight_run, 
     a = trainer.load_checkpoint(os.path.join(straight_run, "checkpoint-2.pt"))
     b = trainer.load_checkpoint(os.path.join(tmp_path, "checkpoint-2.pt"))
     assert _states_equal(a["state_dict"], b["state_dict"])
-    assert _log(tmp_path)[-1]["train_loss"] == pytest.approx(_log(straight_run)[-1]["train_loss"], rel=1e-12)
+    assert read_log(tmp_path)[-1]["train_loss"] == pytest.approx(read_log(straight_run)[-1]["train_loss"], rel=1e-12)
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_args, monkeypatch):

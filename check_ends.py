@@ -1,0 +1,158 @@
+"""Sanity check of a curve's ends: the curve at t=0 and t=1 *is* the two endpoint models, and
+those endpoints are genuinely different solutions.
+
+    python check_ends.py --ckpt runs/curve/checkpoint-last.pt
+    python check_ends.py --curve Bezier --num_bends 3 --init_start A.pt --init_end B.pt
+
+On real test batches: each end of the curve, in eval mode with the corresponding endpoint's
+BatchNorm buffers, must reproduce that endpoint's reconstructions (max |difference| < 1e-5 in
+float32); the endpoints must differ in weights and in reconstructions. Writes one PNG grid per end
+(originals | endpoint | curve end) into --dir and exits with status 1 when a check fails.
+"""
+import os
+
+import torch
+import torchvision.utils as vutils
+
+import dataset as data
+import trainer
+from losses import build_loss
+from models.curves import CurveNet, curve_class
+from utils import ArgParser, UserError, default_device, positive, resolve_device, run_cli
+
+TOLERANCE = 1e-5          # float32 max |difference| between an end of the curve and its endpoint
+MIN_RELATIVE_DISTANCE = 1e-4  # endpoints closer than this (relative weight distance) are "the same"
+
+
+class CheckFailed(UserError):
+    exit_code = 1
+
+
+def get_args_parser():
+    p = ArgParser("check_ends.py", description=__doc__.split("\n")[0])
+    p.add_argument("--ckpt", default=None, help="curve checkpoint to check")
+    p.add_argument("--curve", default=None, help="without --ckpt: Bezier or PolyChain, built fresh")
+    p.add_argument("--num_bends", type=positive(int), default=3, help="without --ckpt (3)")
+    p.add_argument("--init_start", default=None, help="endpoint at t = 0 (default: the curve's own)")
+    p.add_argument("--init_end", default=None, help="endpoint at t = 1 (default: the curve's own)")
+    p.add_argument("--dir", default=None, help="where the grids go (default: the checkpoint's folder)")
+    p.add_argument("--device", default=default_device())
+    p.add_argument("--num_batches", type=positive(int), default=4, help="test batches compared (4)")
+    data.add_data_args(p, inherit=True)
+    return p
+
+
+def parameter_vector(model):
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def weight_distance(a, b):
+    """||w_b - w_a|| over all parameters, and ||w_a||."""
+    wa, wb = parameter_vector(a), parameter_vector(b)
+    return (wb - wa).norm().item(), wa.norm().item()
+
+
+@torch.no_grad()
+def curve_end(curve, t, endpoint):
+    """The curve's point at t, in eval mode, with `endpoint`'s BatchNorm buffers."""
+    point = curve.point_at(t)
+    point.load_state_dict(dict(endpoint.named_buffers()), strict=False)
+    return point.eval()
+
+
+@torch.no_grad()
+def max_output_difference(a, b, batches):
+    """max |a(x) - b(x)| over the batches (both in eval mode)."""
+    a.eval(), b.eval()
+    return max((a(x) - b(x)).abs().max().item() for x in batches)
+
+
+@torch.no_grad()
+def mean_output_difference(a, b, batches):
+    a.eval(), b.eval()
+    diffs = [(a(x) - b(x)).abs() for x in batches]
+    return (sum(d.sum() for d in diffs) / sum(d.numel() for d in diffs)).item()
+
+
+@torch.no_grad()
+def save_grid(batch, endpoint, point, path):
+    """Rows: originals | endpoint reconstructions | curve-end reconstructions."""
+    x = batch[:8]
+    vutils.save_image(torch.cat([x, endpoint(x), point(x)]).cpu(), path, nrow=len(x),
+                      normalize=True, value_range=(-1, 1))
+
+
+def load_curve_and_ends(args, device):
+    """(curve, start model, end model, curve checkpoint or None) from the flags."""
+    ck = None
+    if args.ckpt:
+        ck = trainer.load_checkpoint(args.ckpt, kind="curve", flag="--ckpt")
+        curve = trainer.model_from_checkpoint(ck)
+        cfg = ck["curve_config"]
+        paths = [args.init_start or cfg["init_start"], args.init_end or cfg["init_end"]]
+        if None in paths:
+            raise UserError("the curve was trained without endpoint checkpoints; "
+                            "give them with --init_start and --init_end")
+    else:
+        if not (args.curve and args.init_start and args.init_end):
+            raise UserError("give --ckpt CURVE, or --curve with --init_start and --init_end")
+        paths = [args.init_start, args.init_end]
+    (start, sck), (end, eck) = [trainer.load_endpoint(p, flag) for p, flag in zip(paths, ("--init_start", "--init_end"))]
+    trainer.check_same_architecture([sck["model_config"], eck["model_config"]], paths)
+    if ck is None:  # the original's check: a fresh curve between the endpoints, as training builds it
+        try:
+            curve = CurveNet(trainer.model_from_checkpoint(sck), curve_class(args.curve), args.num_bends)
+        except ValueError as e:
+            raise UserError(str(e))
+        curve.import_base(start, 0)
+        curve.import_base(end, args.num_bends - 1)
+        curve.init_linear()
+    else:
+        trainer.check_same_architecture([ck["model_config"], sck["model_config"]], (args.ckpt, paths[0]))
+    return curve.to(device), start.to(device), end.to(device), ck, paths
+
+
+def main(args):
+    device = resolve_device(args.device)
+    curve, start, end, ck, paths = load_curve_and_ends(args, device)
+    saved_args = ck["args"] if ck else None
+    data.inherit_data_args(args, saved_args)
+    out_dir = args.dir or (os.path.dirname(os.path.abspath(args.ckpt)) if args.ckpt else ".")
+    os.makedirs(out_dir, exist_ok=True)
+    loss_name = (saved_args or {}).get("loss_function") or "mae"
+    loss_fn = build_loss(loss_name, (saved_args or {}).get("num_filters") or 5).to(device)
+
+    _, test_loader = data.build_loaders(args, device)
+    batches = [x for _, x in zip(range(args.num_batches), test_loader)]
+    fixed = {0: ck["curve_config"]["fix_start"] if ck else True,
+             1: ck["curve_config"]["fix_end"] if ck else True}
+    failures = []
+    print(f"curve: {curve.curve}, {curve.num_bends} bends; {sum(len(x) for x in batches)} test images")
+    for t, endpoint, path in ((0, start, paths[0]), (1, end, paths[1])):
+        point = curve_end(curve, t, endpoint)
+        diff = max_output_difference(point, endpoint, batches)
+        ok = diff < TOLERANCE
+        note = "" if fixed[t] else " (free end, trained: not required to match)"
+        print(f"t={t}: max |curve(t) - endpoint| = {diff:.3e}  [{'ok' if ok or not fixed[t] else 'FAIL'}, "
+              f"tolerance {TOLERANCE:g}]{note}  endpoint {path}")
+        if fixed[t] and not ok:
+            failures.append(f"the curve at t={t} differs from its endpoint by {diff:.3e}")
+        grid = os.path.join(out_dir, f"check_ends-t{t}.png")
+        save_grid(batches[0], endpoint.eval(), point, grid)
+
+    distance, norm = weight_distance(start, end)
+    recon = mean_output_difference(start, end, batches)
+    losses = [trainer.evaluate(m, test_loader, {"loss": loss_fn})["loss"] for m in (start, end)]
+    print(f"endpoints: ||w_end - w_start|| = {distance:.4f} (||w_start|| = {norm:.4f}, "
+          f"relative {distance / norm:.4f}); mean |recon_end - recon_start| = {recon:.5f}")
+    print(f"endpoint test {loss_name} loss (images in [-1, 1]): start {losses[0]:.5f}, end {losses[1]:.5f}")
+    if distance / norm < MIN_RELATIVE_DISTANCE or recon < TOLERANCE:
+        failures.append("the two endpoints are the same solution (no weight or output difference)")
+    print(f"grids: {os.path.join(out_dir, 'check_ends-t0.png')}, {os.path.join(out_dir, 'check_ends-t1.png')}")
+    if failures:
+        raise CheckFailed("check failed: " + "; ".join(failures))
+    print("all checks passed")
+
+
+if __name__ == "__main__":
+    run_cli(main, get_args_parser())

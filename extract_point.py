@@ -1,0 +1,54 @@
+"""Save one point theta(t) of a trained curve as an ordinary autoencoder checkpoint.
+
+    python extract_point.py --ckpt runs/curve/checkpoint-last.pt --t 0.5 --out runs/mid.pt
+
+BatchNorm statistics are re-estimated at t on the training split (all of it by default), so the
+file works wherever an endpoint checkpoint does (--init_start/--init_end, check_ends.py,
+eval_curve.py --connect TRIVIAL).
+"""
+import os
+
+import dataset as data
+import trainer
+from utils import (ArgParser, UserError, default_device, positive, resolve_device, run_cli, sha256,
+                   update_bn)
+
+
+def get_args_parser():
+    p = ArgParser("extract_point.py", description=__doc__.split("\n")[0])
+    p.add_argument("--ckpt", required=True, help="curve checkpoint")
+    p.add_argument("--t", type=float, required=True, help="curve parameter in [0, 1]")
+    p.add_argument("--out", required=True, help="autoencoder checkpoint to write")
+    p.add_argument("--device", default=default_device())
+    p.add_argument("--bn_batches", type=positive(int), default=None,
+                   help="training batches for BatchNorm re-estimation (default: all)")
+    data.add_data_args(p, inherit=True)
+    return p
+
+
+def extract_point(curve_checkpoint, t, train_batches, bn_batches=None, source=None):
+    """An autoencoder checkpoint dict holding theta(t) with BatchNorm re-estimated."""
+    curve = trainer.model_from_checkpoint(curve_checkpoint).to(train_batches.device)
+    point = curve.point_at(t)
+    update_bn(train_batches, point, num_batches=bn_batches)
+    return dict(kind="autoencoder", model_config=curve_checkpoint["model_config"], curve_config=None,
+                state_dict=point.state_dict(), optimizer=None, epoch=curve_checkpoint["epoch"],
+                batch=0, sums=None, args=curve_checkpoint["args"], rng=trainer.rng_state(),
+                source=dict(curve=source, curve_sha256=sha256(source) if source else None, t=t))
+
+
+def main(args):
+    if not 0 <= args.t <= 1:
+        raise UserError(f"--t must be in [0, 1], got {args.t}")
+    device = resolve_device(args.device)
+    ck = trainer.load_checkpoint(args.ckpt, kind="curve", flag="--ckpt")
+    data.inherit_data_args(args, ck["args"])
+    train_loader, _ = data.build_loaders(args, device)
+    point = extract_point(ck, args.t, train_loader.ordered(), args.bn_batches, os.path.abspath(args.ckpt))
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    trainer.save_checkpoint(args.out, point)
+    print(f"theta({args.t:g}) of {args.ckpt} saved as an autoencoder checkpoint: {args.out}")
+
+
+if __name__ == "__main__":
+    run_cli(main, get_args_parser())

@@ -1,0 +1,164 @@
+"""Curves in weight space between trained networks (Garipov et al., NeurIPS 2018).
+
+A curve with `num_bends` bends theta_0 .. theta_{n-1} (theta_0 and theta_{n-1} are the endpoint
+networks) is theta(t) = sum_k c_k(t) theta_k for t in [0, 1], with the coefficients c_k(t) of a
+Bezier curve or of a polygonal chain. `CurveNet` holds the bends of every parameter of any
+`nn.Module` and runs that module with theta(t) through `torch.func.functional_call`, so no layer
+is ever written twice. A 2-bend chain is the straight segment between the endpoints.
+
+Example::
+    >>> net = CurveNet(Autoencoder(), Bezier, num_bends=3)
+    >>> net.import_base(start, 0); net.import_base(end, 2); net.init_linear()
+    >>> out = net(x)                 # one t ~ U(0, 1) for the batch; net.sq_norm = ||theta(t)||^2
+    >>> mid = net.point_at(0.5)      # an ordinary Autoencoder holding theta(0.5)
+"""
+import copy
+from math import comb
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+
+def _check_bends(num_bends):
+    if int(num_bends) != num_bends or num_bends < 2:
+        raise ValueError(f"a curve needs num_bends >= 2 (its two ends), got {num_bends}")
+
+
+class Bezier(nn.Module):
+    """Bernstein coefficients c_k(t) = C(n-1, k) t^k (1-t)^(n-1-k), k = 0..n-1."""
+
+    def __init__(self, num_bends):
+        super().__init__()
+        _check_bends(num_bends)
+        n = num_bends
+        self.register_buffer("binom", torch.tensor([float(comb(n - 1, k)) for k in range(n)]), persistent=False)
+        self.register_buffer("powers", torch.arange(n, dtype=torch.float32), persistent=False)
+
+    def forward(self, t):
+        t = torch.as_tensor(t, dtype=self.binom.dtype, device=self.binom.device)
+        return self.binom * t ** self.powers * (1 - t) ** self.powers.flip(0)
+
+
+class PolyChain(nn.Module):
+    """Hat functions c_k(t) = max(0, 1 - |t (n-1) - k|): bends evenly spaced in t."""
+
+    def __init__(self, num_bends):
+        super().__init__()
+        _check_bends(num_bends)
+        self.register_buffer("knots", torch.arange(num_bends, dtype=torch.float32), persistent=False)
+
+    def forward(self, t):
+        t = torch.as_tensor(t, dtype=self.knots.dtype, device=self.knots.device)
+        return torch.clamp(1 - torch.abs(t * (len(self.knots) - 1) - self.knots), min=0)
+
+
+CURVES = {"bezier": Bezier, "polychain": PolyChain}
+
+
+def curve_class(name):
+    """'Bezier' / 'bezier' / 'PolyChain' ... -> the class; anything else is a ValueError."""
+    try:
+        return CURVES[name.lower()]
+    except KeyError:
+        raise ValueError(f"unknown curve {name!r}; choose Bezier or PolyChain") from None
+
+
+def _split(name):
+    """'decoder.4.weight' -> ('decoder.4', 'weight')."""
+    module, _, attr = name.rpartition(".")
+    return module, attr
+
+
+class CurveNet(nn.Module):
+    """`num_bends` copies of every parameter of `base`, and `base` run at theta(t).
+
+    self.bends[k] is a copy of `base` that holds only the parameters of bend k (no buffers);
+    self.base is a copy of `base` that holds only its buffers (the one set of BatchNorm running
+    statistics, re-estimated at each t before evaluation; see utils.update_bn). The first and last
+    bends are frozen when `fix_start` / `fix_end`.
+    """
+
+    def __init__(self, base, curve, num_bends, fix_start=True, fix_end=True):
+        super().__init__()
+        if isinstance(curve, str):
+            curve = curve_class(curve)
+        self.curve = curve.__name__
+        self.num_bends = num_bends
+        self.fix_start, self.fix_end = fix_start, fix_end
+        self.coeff_layer = curve(num_bends)
+        self.names = [name for name, _ in base.named_parameters()]
+        self.bends = nn.ModuleList()
+        for _ in range(num_bends):
+            bend = copy.deepcopy(base)
+            for m in bend.modules():
+                m._buffers.clear()
+            self.bends.append(bend)
+        self.base = copy.deepcopy(base)
+        for m in self.base.modules():  # functional_call supplies the parameters
+            for key in [k for k, v in m._parameters.items() if v is not None]:
+                del m._parameters[key]
+        self.bends[0].requires_grad_(not fix_start)
+        self.bends[-1].requires_grad_(not fix_end)
+        self.sq_norm = None
+
+    def bend_parameters(self, name):
+        return [bend.get_parameter(name) for bend in self.bends]
+
+    @torch.no_grad()
+    def import_base(self, model, index):
+        """Copy `model`'s parameters into bend `index`, matched by name."""
+        mine = {n: tuple(self.bends[index].get_parameter(n).shape) for n in self.names}
+        theirs = {n: tuple(p.shape) for n, p in model.named_parameters()}
+        problems = [f"missing {n}" for n in mine if n not in theirs]
+        problems += [f"unexpected {n}" for n in theirs if n not in mine]
+        problems += [f"{n}: shape {theirs[n]} vs {mine[n]}" for n in mine
+                     if n in theirs and theirs[n] != mine[n]]
+        if problems:
+            raise ValueError(f"cannot import {type(model).__name__} into bend {index}: "
+                             + "; ".join(problems))
+        params = dict(model.named_parameters())
+        for n in self.names:
+            self.bends[index].get_parameter(n).copy_(params[n])
+
+    @torch.no_grad()
+    def init_linear(self):
+        """Place the interior bends evenly on the segment between the two ends (Garipov)."""
+        last = self.num_bends - 1
+        for n in self.names:
+            ps = self.bend_parameters(n)
+            for k in range(1, last):
+                ps[k].copy_(ps[0] * (1 - k / last) + ps[last] * (k / last))
+
+    def weights(self, t):
+        """theta(t): {parameter name: sum_k c_k(t) theta_k}."""
+        coeffs = self.coeff_layer(t)
+        theta = {}
+        for n in self.names:
+            ps = self.bend_parameters(n)
+            value = ps[0] * coeffs[0]
+            for c, p in zip(coeffs[1:], ps[1:]):
+                value = value + p * c
+            theta[n] = value
+        return theta
+
+    def forward(self, x, t=None):
+        """Run the base module at theta(t); t ~ U(0, 1), one for the whole batch, when None.
+
+        Also sets self.sq_norm = ||theta(t)||^2 (all parameters), for the weight-decay term
+        0.5 * wd * ||theta(t)||^2 of the sampled point (Garipov's CurveNet.l2).
+        """
+        if t is None:
+            t = torch.rand((), device=x.device)
+        theta = self.weights(t)
+        self.sq_norm = sum(p.pow(2).sum() for p in theta.values())
+        return functional_call(self.base, theta, (x,))
+
+    @torch.no_grad()
+    def point_at(self, t):
+        """An ordinary copy of the base module holding theta(t) and a copy of the base's buffers."""
+        model = copy.deepcopy(self.base)
+        for n, value in self.weights(t).items():
+            module, attr = _split(n)
+            model.get_submodule(module).register_parameter(attr, nn.Parameter(value.detach().clone()))
+        return model
