@@ -24,10 +24,13 @@ demo: $(VENV)/.installed
 		--init_start $(DEMO)/endpoint1/checkpoint-8.pt --init_end $(DEMO)/endpoint2/checkpoint-8.pt \
 		--fix_start --fix_end
 	$(PY) check_ends.py --ckpt $(DEMO)/curve/checkpoint-8.pt
+	$(PY) eval_curve.py --ckpt $(DEMO)/curve/checkpoint-8.pt --num_points 11 --lpips --dir $(DEMO)/eval
 	@echo
 	@echo "demo done, everything is in $(DEMO)/:"
 	@echo "  endpoint and curve checkpoints, log.jsonl, recon/ grids per epoch"
-	@echo "  check_ends grids: $(DEMO)/curve/check_ends-t0.png, check_ends-t1.png"
+	@echo "  check_ends grids:  $(DEMO)/curve/check_ends-t0.png, check_ends-t1.png"
+	@echo "  loss along the curve and the segment: $(DEMO)/eval/curve_checkpoint-8-curve-11pts_loss.png"
+	@echo "  GIFs of reconstructions along them:   $(DEMO)/eval/curve_checkpoint-8-curve-11pts_{curve,segment}.gif"
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q

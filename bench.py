@@ -82,16 +82,55 @@ def bench_curve_step(cfg, device):
             "curve_over_endpoint": t["curve"] / t["endpoint"]}
 
 
+def bench_eval_point(cfg, device):
+    """One point of eval_curve.walk (BN re-estimation + train and test evaluation) against the
+    same three passes of bare forward calls; and the same point with LPIPS on the test split."""
+    import dataset
+    from eval_curve import walk
+    from losses import LPIPS
+    from utils import update_bn
+    torch.manual_seed(0)
+    images = dataset.synthetic_faces(cfg["eval_images"])
+    train, test = dataset.split_images(images, 0.2)
+    train_loader = dataset.TensorLoader(train, cfg["batch_size"], device)
+    test_loader = dataset.TensorLoader(test, cfg["batch_size"], device)
+    curve = CurveNet(Autoencoder(in_filters=cfg["eval_filters"]), Bezier, 3).to(device)
+    curve.init_linear()
+    model = curve.point_at(0.5)
+    l1 = {"loss": torch.nn.L1Loss()}
+    lpips = LPIPS().to(device)
+    samples = next(iter(test_loader))[:4]
+
+    @torch.no_grad()
+    def bare():  # what a point needs at the least: BN pass, forward over train, forward over test
+        update_bn(train_loader, model)
+        model.eval()
+        for loader in (train_loader, test_loader):
+            for x in loader:
+                model(x)
+
+    def point(metrics):
+        return lambda: walk(curve, [0.5], (train_loader, test_loader), (l1, metrics), samples,
+                            "bench", verbose=False)
+    t = interleaved({"bare": bare, "point": point(None), "point_lpips": point({"lpips": lpips})},
+                    device, cfg["repeats"])
+    return {"bare_passes_s": t["bare"], "point_s": t["point"], "point_lpips_s": t["point_lpips"],
+            "point_over_bare": t["point"] / t["bare"],
+            "lpips_point_over_point": t["point_lpips"] / t["point"]}
+
+
 def main(args):
     device = resolve_device(args.device)
     cfg = dict(in_filters=args.in_filters or (4 if args.quick else 64),
                batch_size=args.batch_size or (8 if args.quick else 64),
-               repeats=args.repeats or (3 if args.quick else 7))
+               repeats=args.repeats or (3 if args.quick else 7),
+               # evaluation of a path point: a small configuration, as the demo uses
+               eval_filters=4 if args.quick else 16, eval_images=40 if args.quick else 2000)
     env = dict(device=str(device), device_name=torch.cuda.get_device_name(device) if device.type == "cuda"
                else platform.processor() or platform.machine(), torch=torch.__version__,
                threads=torch.get_num_threads(), **cfg)
     print("  ".join(f"{k}={v}" for k, v in env.items()))
-    results = {"curve_step": bench_curve_step(cfg, device)}
+    results = {"curve_step": bench_curve_step(cfg, device), "eval_point": bench_eval_point(cfg, device)}
     for section, values in results.items():
         print(f"[{section}]")
         for k, v in values.items():

@@ -17,7 +17,8 @@ import torchvision.utils as vutils
 import dataset as data
 import trainer
 from losses import build_loss
-from models.curves import CurveNet, curve_class
+from models.curves import CurveNet
+from train import curve_name
 from utils import ArgParser, UserError, default_device, positive, resolve_device, run_cli
 
 TOLERANCE = 1e-5          # float32 max |difference| between an end of the curve and its endpoint
@@ -31,7 +32,8 @@ class CheckFailed(UserError):
 def get_args_parser():
     p = ArgParser("check_ends.py", description=__doc__.split("\n")[0])
     p.add_argument("--ckpt", default=None, help="curve checkpoint to check")
-    p.add_argument("--curve", default=None, help="without --ckpt: Bezier or PolyChain, built fresh")
+    p.add_argument("--curve", type=curve_name, default=None,
+                   help="without --ckpt: Bezier or PolyChain, built fresh")
     p.add_argument("--num_bends", type=positive(int), default=3, help="without --ckpt (3)")
     p.add_argument("--init_start", default=None, help="endpoint at t = 0 (default: the curve's own)")
     p.add_argument("--init_end", default=None, help="endpoint at t = 1 (default: the curve's own)")
@@ -101,7 +103,7 @@ def load_curve_and_ends(args, device):
     trainer.check_same_architecture([sck["model_config"], eck["model_config"]], paths)
     if ck is None:  # the original's check: a fresh curve between the endpoints, as training builds it
         try:
-            curve = CurveNet(trainer.model_from_checkpoint(sck), curve_class(args.curve), args.num_bends)
+            curve = CurveNet(trainer.model_from_checkpoint(sck), args.curve, args.num_bends)
         except ValueError as e:
             raise UserError(str(e))
         curve.import_base(start, 0)

