@@ -1,21 +1,33 @@
-"""Benchmarks: what the training and evaluation paths cost, as ratios measured in one process.
+"""Benchmarks: what data loading, training and evaluation cost, as ratios measured in one process.
 
-    python bench.py                 # default architecture, batch 64, on the default device
-    python bench.py --quick         # tiny configuration (seconds; the test suite runs this)
+    python bench.py                          # default architecture (f=64), batch 64, default device
+    python bench.py --quick                  # tiny configuration (seconds; the test suite runs it)
+    python bench.py --device cuda --gpu_targets   # adds batch-256 training and a 61-point walk
+                                                  # over a CelebA-sized synthetic set
 
-Each figure is the median over repeated, interleaved measurements after warm-up, so that the
-ratios compare like with like on a shared, noisy machine. Prints a table and writes JSON.
+Figures are medians over repeated measurements after warm-up; the variants of one section run in
+turn (a, b, c, a, b, c, ...) so that their ratios compare like with like on a shared, noisy
+machine. Training steps go through trainer.train_one_epoch and evaluation through
+eval_curve.walk: the code users run. Prints a table and writes JSON.
 """
-import json
+import os
 import platform
+import resource
 import statistics
+import tempfile
 import time
+from types import SimpleNamespace
 
+import numpy as np
 import torch
 
+import dataset
+import trainer
+from eval_curve import walk
+from losses import LPIPS
 from models.autoencoder import Autoencoder
 from models.curves import Bezier, CurveNet
-from utils import ArgParser, default_device, positive, resolve_device, run_cli, write_json
+from utils import ArgParser, UserError, default_device, positive, resolve_device, run_cli, update_bn, write_json
 
 
 def get_args_parser():
@@ -24,7 +36,10 @@ def get_args_parser():
     p.add_argument("--quick", action="store_true", help="tiny configuration, few repeats")
     p.add_argument("--in_filters", type=positive(int), default=None, help="width f (64; quick: 4)")
     p.add_argument("--batch_size", type=positive(int), default=None, help="(64; quick: 8)")
-    p.add_argument("--repeats", type=positive(int), default=None, help="timed repeats (7; quick: 3)")
+    p.add_argument("--repeats", type=positive(int), default=None, help="timed repeats (5; quick: 2)")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile (slow to start)")
+    p.add_argument("--gpu_targets", action="store_true",
+                   help="CUDA: batch-256 training and a 61-point walk over 202,599 images")
     p.add_argument("--json", default="bench.json", help="where to write the results (bench.json)")
     return p
 
@@ -34,64 +49,134 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def timed(fn, device):
-    sync(device)
-    start = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - start
-
-
-def interleaved(fns, device, repeats, warmup=2):
-    """Median seconds of each of `fns`, run in turn (a, b, a, b, ...) after `warmup` rounds."""
+def interleaved(fns, device, repeats, warmup=1):
+    """Median seconds of each of `fns`, run in turn after `warmup` rounds."""
     times = {name: [] for name in fns}
     for i in range(warmup + repeats):
         for name, fn in fns.items():
-            t = timed(fn, device)
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
             if i >= warmup:
-                times[name].append(t)
+                times[name].append(time.perf_counter() - start)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def training_step(model, optimizer, x, curve_wd=0.0):
-    """One denoising training step as trainer.train_one_epoch takes it."""
-    def step():
-        out = model(x + 0.05 * torch.randn_like(x))
-        loss = (out - x).abs().mean()
-        if curve_wd:
-            loss = loss + 0.5 * curve_wd * model.sq_norm
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    return step
+# ----------------------------------------------------------------------------- data
+
+def bench_data(cfg, device):
+    """Images/s: the in-memory pipeline against a per-image PIL loader over the same folder."""
+    from PIL import Image
+    import torchvision.transforms as T
+
+    class PerImagePIL(torch.utils.data.Dataset):  # what the original project did for every item
+        transform = T.Compose([T.Resize(64), T.CenterCrop(64), T.ToTensor(), T.Normalize([0.5] * 3, [0.5] * 3)])
+
+        def __init__(self, files):
+            self.files = files
+
+        def __len__(self):
+            return len(self.files)
+
+        def __getitem__(self, i):
+            with Image.open(self.files[i]) as im:
+                return self.transform(im.convert("RGB"))
+
+    with tempfile.TemporaryDirectory() as root:
+        faces = dataset.synthetic_faces(cfg["data_images"])
+        for i, face in enumerate(faces):  # CelebA-like files: 178x218 JPEGs
+            img = Image.fromarray(face.permute(1, 2, 0).numpy()).resize((178, 218))
+            img.save(os.path.join(root, f"{i:06d}.jpg"), quality=95)
+        files = [os.path.join(root, f) for f in dataset.list_images(root)]
+        baseline = torch.utils.data.DataLoader(PerImagePIL(files), batch_size=cfg["batch_size"],
+                                               shuffle=True, num_workers=2)
+        images = dataset.load_folder(root, verbose=False)
+        memory = dataset.TensorLoader(images, cfg["batch_size"], device, shuffle=True)
+
+        def pil_epoch():
+            for x in baseline:
+                x.to(device)
+
+        def memory_epochs(n=20):
+            for e in range(n):
+                memory.set_epoch(e)
+                for _ in memory:
+                    pass
+        t = interleaved({"pil": pil_epoch, "memory": memory_epochs}, device, cfg["repeats"])
+    n = len(files)
+    return {"pil_images_per_s": n / t["pil"], "memory_images_per_s": 20 * n / t["memory"],
+            "memory_over_pil": (20 * n / t["memory"]) / (n / t["pil"])}
+
+
+# ----------------------------------------------------------------------------- training
+
+def epoch_runner(model, loader, curve_wd=0.0, amp="none", compile=False, channels_last=False):
+    """A function running one training epoch over `loader` exactly as train.py does."""
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    runner = torch.compile(model) if compile else model
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    loss = torch.nn.L1Loss()
+    scaler = trainer.make_scaler(loader.device, amp)
+    return lambda: trainer.train_one_epoch(runner, loader, opt, loss, noise_std=0.05, curve_wd=curve_wd,
+                                           amp=amp, scaler=scaler, verbose=False)
+
+
+def step_images(cfg, device, batch_size, channels_last=False, steps=2):
+    images = dataset.synthetic_faces(batch_size * steps)
+    return dataset.TensorLoader(images, batch_size, device, shuffle=True, channels_last=channels_last)
+
+
+def bench_training(cfg, device, batch_size=None, steps=2):
+    """Endpoint training step, fp32 and each fast option: images/s and speed-up over fp32."""
+    batch_size = batch_size or cfg["batch_size"]
+    variants = {"fp32": {}, "channels_last": dict(channels_last=True), "bf16": dict(amp="bf16"),
+                "bf16+channels_last": dict(amp="bf16", channels_last=True)}
+    if device.type == "cuda":
+        variants["fp16+channels_last"] = dict(amp="fp16", channels_last=True)
+    if cfg["compile"]:
+        variants["bf16+channels_last+compile"] = dict(amp="bf16", channels_last=True, compile=True)
+    fns = {}
+    for name, opts in variants.items():
+        torch.manual_seed(0)
+        model = Autoencoder(in_filters=cfg["in_filters"]).to(device)
+        loader = step_images(cfg, device, batch_size, opts.get("channels_last", False), steps)
+        fns[name] = epoch_runner(model, loader, **opts)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t = interleaved(fns, device, cfg["repeats"])
+    out = {}
+    for name, seconds in t.items():
+        out[f"{name}_images_per_s"] = batch_size * steps / seconds
+        out[f"{name}_speedup"] = t["fp32"] / seconds
+    if device.type == "cuda":
+        out["peak_memory_MiB"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
+    else:  # the process's peak resident memory so far (Linux reports KiB)
+        out["peak_rss_MiB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return out
 
 
 def bench_curve_step(cfg, device):
-    """Endpoint step vs 3-bend Bezier curve step (fixed ends), same data."""
+    """Endpoint step vs 3-bend Bezier curve step (fixed ends), same data, same code path."""
     torch.manual_seed(0)
-    x = torch.rand(cfg["batch_size"], 3, 64, 64, device=device) * 2 - 1
+    loader = step_images(cfg, device, cfg["batch_size"])
     endpoint = Autoencoder(in_filters=cfg["in_filters"]).to(device)
     curve = CurveNet(Autoencoder(in_filters=cfg["in_filters"]), Bezier, 3).to(device)
     curve.init_linear()
-    opt_e = torch.optim.Adam(endpoint.parameters(), lr=1e-4)
-    opt_c = torch.optim.Adam([p for p in curve.parameters() if p.requires_grad], lr=1e-4)
-    t = interleaved({"endpoint": training_step(endpoint, opt_e, x),
-                     "curve": training_step(curve, opt_c, x, curve_wd=1e-6)}, device, cfg["repeats"])
-    return {"endpoint_step_s": t["endpoint"], "curve_step_s": t["curve"],
-            "endpoint_images_per_s": cfg["batch_size"] / t["endpoint"],
+    t = interleaved({"endpoint": epoch_runner(endpoint, loader),
+                     "curve": epoch_runner(curve, loader, curve_wd=1e-6)}, device, cfg["repeats"])
+    return {"endpoint_step_s": t["endpoint"] / 2, "curve_step_s": t["curve"] / 2,
             "curve_over_endpoint": t["curve"] / t["endpoint"]}
 
+
+# ----------------------------------------------------------------------------- evaluation
 
 def bench_eval_point(cfg, device):
     """One point of eval_curve.walk (BN re-estimation + train and test evaluation) against the
     same three passes of bare forward calls; and the same point with LPIPS on the test split."""
-    import dataset
-    from eval_curve import walk
-    from losses import LPIPS
-    from utils import update_bn
     torch.manual_seed(0)
-    images = dataset.synthetic_faces(cfg["eval_images"])
-    train, test = dataset.split_images(images, 0.2)
+    train, test = dataset.split_images(dataset.synthetic_faces(cfg["eval_images"]), 0.2)
     train_loader = dataset.TensorLoader(train, cfg["batch_size"], device)
     test_loader = dataset.TensorLoader(test, cfg["batch_size"], device)
     curve = CurveNet(Autoencoder(in_filters=cfg["eval_filters"]), Bezier, 3).to(device)
@@ -119,22 +204,54 @@ def bench_eval_point(cfg, device):
             "lpips_point_over_point": t["point_lpips"] / t["point"]}
 
 
+def bench_gpu_targets(cfg, device):
+    """Default architecture at batch 256 with bf16 + channels_last + data on the GPU, and a
+    61-point walk (BN pass + train + test evaluation at every t) over 202,599 synthetic images."""
+    out = {}
+    for batch in (64, 256):
+        torch.manual_seed(0)
+        loader = step_images(cfg, device, batch, channels_last=True, steps=10)
+        run = epoch_runner(Autoencoder().to(device), loader, amp="bf16", channels_last=True)
+        seconds = interleaved({"run": run}, device, cfg["repeats"])["run"]
+        out[f"batch{batch}_bf16_channels_last_images_per_s"] = batch * 10 / seconds
+    train, test = dataset.split_images(dataset.synthetic_faces(202_599), 0.2)
+    loaders = (dataset.TensorLoader(train, 1024, device, channels_last=True),
+               dataset.TensorLoader(test, 1024, device, channels_last=True))
+    curve = CurveNet(Autoencoder(), Bezier, 3).to(device)
+    curve.init_linear()
+    speed = SimpleNamespace(amp="bf16", channels_last=True, compile=False)
+    start = time.perf_counter()
+    walk(curve, np.linspace(0, 1, 61), loaders, ({"loss": torch.nn.L1Loss()}, None), loaders[1].images[:4].float(),
+         "curve", verbose=False, speed=speed)
+    sync(device)
+    out["walk_61_points_202599_images_s"] = time.perf_counter() - start
+    return out
+
+
 def main(args):
     device = resolve_device(args.device)
-    cfg = dict(in_filters=args.in_filters or (4 if args.quick else 64),
-               batch_size=args.batch_size or (8 if args.quick else 64),
-               repeats=args.repeats or (3 if args.quick else 7),
+    if args.gpu_targets and device.type != "cuda":
+        raise UserError("--gpu_targets measures the CUDA targets; run it with --device cuda")
+    q = args.quick
+    cfg = dict(in_filters=args.in_filters or (4 if q else 64), batch_size=args.batch_size or (8 if q else 64),
+               repeats=args.repeats or (2 if q else 5), compile=args.compile,
+               data_images=64 if q else 2000,
                # evaluation of a path point: a small configuration, as the demo uses
-               eval_filters=4 if args.quick else 16, eval_images=40 if args.quick else 2000)
+               eval_filters=4 if q else 16, eval_images=40 if q else 2000)
     env = dict(device=str(device), device_name=torch.cuda.get_device_name(device) if device.type == "cuda"
                else platform.processor() or platform.machine(), torch=torch.__version__,
                threads=torch.get_num_threads(), **cfg)
     print("  ".join(f"{k}={v}" for k, v in env.items()))
-    results = {"curve_step": bench_curve_step(cfg, device), "eval_point": bench_eval_point(cfg, device)}
-    for section, values in results.items():
-        print(f"[{section}]")
-        for k, v in values.items():
-            print(f"  {k:28s} {v:12.4f}")
+    results = {}
+    sections = [("data", bench_data), ("training", bench_training), ("curve_step", bench_curve_step),
+                ("eval_point", bench_eval_point)]
+    if args.gpu_targets:
+        sections.append(("gpu_targets", bench_gpu_targets))
+    for name, fn in sections:
+        results[name] = fn(cfg, device)
+        print(f"[{name}]")
+        for k, v in results[name].items():
+            print(f"  {k:40s} {v:12.4f}")
     write_json(args.json, {"config": env, "results": results})
     print(f"written: {args.json}")
     return results

@@ -22,8 +22,8 @@ from losses import LOSSES, LPIPS, LPIPSUnavailable, build_loss
 from models.autoencoder import Autoencoder
 from models.curves import CurveNet, PolyChain
 from train import curve_name
-from utils import (ArgParser, RunDir, UserError, default_device, positive, resolve_device, run_cli,
-                   sha256, update_bn, write_json)
+from utils import (ArgParser, RunDir, UserError, autocast, check_amp, default_device, positive,
+                   resolve_device, run_cli, sha256, update_bn, write_json)
 
 STATS = ("start", "end", "min", "max", "avg", "int")
 
@@ -50,6 +50,7 @@ def get_args_parser():
     p.add_argument("--num_filters", type=positive(int), default=None, help="pyramid levels (the run's)")
     p.add_argument("--device", default=default_device())
     p.add_argument("--seed", type=int, default=1)
+    trainer.add_speed_args(p)
     data.add_data_args(p, inherit=True)
     return p
 
@@ -77,22 +78,27 @@ def flat_parameters(model):
     return torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
-def walk(net, ts, loaders, metrics, samples, label, bn_batches=None, verbose=True):
+def walk(net, ts, loaders, metrics, samples, label, bn_batches=None, verbose=True, speed=None):
     """Evaluate `net` (a CurveNet) at each t. Returns per-t lists: ts, dl (distance to the
     previous point in weight space), train_<m> / test_<m> for every metric, seconds, and the
-    reconstructions of `samples` at each t."""
+    reconstructions of `samples` at each t. `speed` holds the --amp / --channels_last / --compile
+    settings; one module is reused for every point (and compiled once)."""
     train_loader, test_loader = loaders
     loss_fns, image_metrics = metrics
+    amp = getattr(speed, "amp", "none")
     out = {"ts": list(ts), "dl": [], "seconds": [], "recons": []}
-    previous = None
+    previous = point = runner = None
     for t in tqdm(ts, desc=label, leave=False, disable=not verbose):
         started = time.time()
-        point = net.point_at(float(t))
-        update_bn(train_loader, point, num_batches=bn_batches)
-        train = trainer.evaluate(point, train_loader, loss_fns)
-        test = trainer.evaluate(point, test_loader, loss_fns, image_metrics)
-        with torch.no_grad():
-            out["recons"].append(point(samples).cpu())
+        point = net.point_at(float(t), out=point)
+        if runner is None:
+            runner = trainer.prepare_model(point, speed) if speed is not None else point
+        with autocast(train_loader.device, amp):
+            update_bn(train_loader, runner, num_batches=bn_batches)
+        train = trainer.evaluate(runner, train_loader, loss_fns, amp=amp)
+        test = trainer.evaluate(runner, test_loader, loss_fns, image_metrics, amp=amp)
+        with torch.no_grad(), autocast(train_loader.device, amp):
+            out["recons"].append(runner(samples).float().cpu())
         theta = flat_parameters(point)
         out["dl"].append(0.0 if previous is None else (theta - previous).norm().item())
         previous = theta
@@ -165,6 +171,7 @@ def main(args):
     if args.num_points < 2:
         raise UserError(f"--num_points must be at least 2 (both ends), got {args.num_points}")
     device = resolve_device(args.device)
+    check_amp(args.amp, device)
     torch.manual_seed(args.seed)
     lpips = None
     if args.lpips:  # fail at start, before any work, when no real backbone can be had
@@ -191,7 +198,7 @@ def main(args):
     print(f"walking {', '.join(paths)} at {args.num_points} points; loss {loss_name} on images in "
           f"[-1, 1]; BatchNorm re-estimated on {args.bn_batches or len(train_loader)} training batches per t")
     results = {label: walk(net, ts, loaders, (loss_fns, image_metrics), samples, label.split()[0],
-                           args.bn_batches) for label, net in paths.items()}
+                           args.bn_batches, speed=args) for label, net in paths.items()}
 
     seg = results.get("segment")
     ratio = None

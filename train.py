@@ -27,8 +27,8 @@ import trainer
 from losses import LOSSES, build_loss
 from models.autoencoder import INITS, Autoencoder
 from models.curves import CurveNet, curve_class
-from utils import (ArgParser, Interrupted, RunDir, StopRequest, UserError, default_device,
-                   positive, resolve_device, run_cli, seed_everything, sha256, update_bn)
+from utils import (ArgParser, Interrupted, RunDir, StopRequest, UserError, autocast, check_amp,
+                   default_device, positive, resolve_device, run_cli, seed_everything, sha256, update_bn)
 
 ARCH_DEFAULTS = dict(in_channels=3, in_filters=64, latent_dim=128)
 RUN_DEFAULTS = dict(loss_function="mae", num_filters=5)  # what the run optimises
@@ -64,6 +64,7 @@ def get_args_parser():
     g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     g.add_argument("--wd", type=float, default=1e-6,
                    help="weight decay (for a curve: 0.5 * wd * ||theta(t)||^2 added to the loss)")
+    trainer.add_speed_args(p)
     g = p.add_argument_group("curve (default: from the checkpoint when resuming)")
     g.add_argument("--curve", type=curve_name, default=None, help="Bezier or PolyChain: train a curve")
     g.add_argument("--num_bends", type=positive(int), default=None, help="bends including both ends (3)")
@@ -180,6 +181,7 @@ def open_tensorboard(args):
 
 def main(args):
     device = resolve_device(args.device)
+    check_amp(args.amp, device)
     resume = trainer.load_checkpoint(args.resume, kind=None, flag="--resume") if args.resume else None
     if resume and resume.get("optimizer") is None:
         raise UserError(f"--resume {args.resume} is a point extracted from a curve, not a training "
@@ -201,6 +203,8 @@ def main(args):
         if hasattr(args, k):
             setattr(args, k, v)
     model.to(device)
+    runner = trainer.prepare_model(model, args)  # channels_last / torch.compile
+    scaler = trainer.make_scaler(device, args.amp)
     # a curve's weight decay is the explicit 0.5 * wd * ||theta(t)||^2 term, not the optimizer's
     optimizer = make_optimizer(args, [p for p in model.parameters() if p.requires_grad],
                                0.0 if is_curve else args.wd)
@@ -214,6 +218,8 @@ def main(args):
     if resume:
         model.load_state_dict(resume["state_dict"])
         optimizer.load_state_dict(resume["optimizer"])
+        if scaler is not None and resume.get("scaler"):
+            scaler.load_state_dict(resume["scaler"])
         epoch = resume["epoch"]
         if resume.get("batch", 0) > 0:
             position = resume["sums"]
@@ -235,6 +241,7 @@ def main(args):
         return dict(kind="curve" if is_curve else "autoencoder", model_config=model_config,
                     curve_config=curve_config,
                     state_dict=model.state_dict(), optimizer=optimizer.state_dict(),
+                    scaler=scaler.state_dict() if scaler is not None else None,
                     epoch=epoch, batch=sums["batches"] if sums else 0, sums=sums,
                     args=vars(args), rng=trainer.rng_state())
 
@@ -246,7 +253,8 @@ def main(args):
             train_loader.set_epoch(epoch)
             try:
                 sums = trainer.train_one_epoch(
-                    model, train_loader, optimizer, loss_fn, noise_std=args.noise_std, curve_wd=curve_wd,
+                    runner, train_loader, optimizer, loss_fn, noise_std=args.noise_std, curve_wd=curve_wd,
+                    amp=args.amp, scaler=scaler,
                     start=position["batches"] if position else 0, sums=position, stop=stop,
                     desc=f"epoch {epoch + 1}/{args.epochs}")
             except trainer.NonFiniteLoss as e:
@@ -259,11 +267,12 @@ def main(args):
                 raise Interrupted(f"interrupted in epoch {epoch + 1} at batch {sums['batches']}; "
                                   f"resume with --resume {last}")
             train_loss = sums["loss_sum"] / sums["count"]
-            evaluated = model
+            evaluated = runner
             if is_curve:  # the midpoint, BatchNorm re-estimated on a fixed subset of training batches
                 evaluated = model.point_at(0.5)
-                update_bn(train_loader.ordered(), evaluated, num_batches=args.midpoint_bn_batches)
-            test_loss = trainer.evaluate(evaluated, test_loader, {"loss": loss_fn})["loss"]
+                with autocast(device, args.amp):
+                    update_bn(train_loader.ordered(), evaluated, num_batches=args.midpoint_bn_batches)
+            test_loss = trainer.evaluate(evaluated, test_loader, {"loss": loss_fn}, amp=args.amp)["loss"]
             epoch += 1
             record = dict(epoch=epoch, lr=lr, train_loss=train_loss, test_loss=test_loss)
             if is_curve:

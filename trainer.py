@@ -6,7 +6,7 @@ import zipfile
 import torch
 from tqdm import tqdm
 
-from utils import UserError
+from utils import UserError, accumulator_dtype, autocast
 
 CHECKPOINT_FORMAT = "ae-mode-connectivity/1"
 ARCH_KEYS = ("in_channels", "in_filters", "latent_dim")  # what two endpoints must share
@@ -34,22 +34,24 @@ def set_learning_rate(optimizer, lr):
         group["lr"] = lr
 
 
-def train_one_epoch(model, loader, optimizer, loss_fn, *, noise_std=0.0, curve_wd=0.0,
-                    start=0, sums=None, stop=None, desc="train", verbose=True):
+def train_one_epoch(model, loader, optimizer, loss_fn, *, noise_std=0.0, curve_wd=0.0, amp="none",
+                    scaler=None, start=0, sums=None, stop=None, desc="train", verbose=True):
     """One pass over `loader` (denoising: input + N(0, noise_std^2), loss against the clean image).
 
     For a curve (`curve_wd` > 0) the loss adds 0.5 * curve_wd * ||theta(t)||^2 of the point the
     forward pass sampled (`model.sq_norm`). Losses are accumulated on the device; the host syncs
     only every FINITE_CHECK_EVERY batches, to check they are finite and update the bar.
     `start`/`sums` continue a partly done epoch; when `stop.requested` turns true the epoch ends
-    early. Returns the accumulators: {"loss_sum", "reg_sum", "count", "batches"}.
+    early. `amp` runs the forward pass in mixed precision (the loss is computed in float32);
+    `scaler` is the gradient scaler fp16 needs. Returns the accumulators:
+    {"loss_sum", "reg_sum", "count", "batches"}.
     """
     model.train()
     device = loader.device
     if sums is None:
         sums = {"loss_sum": 0.0, "reg_sum": 0.0, "count": 0, "batches": 0}
-    loss_sum = torch.tensor(float(sums["loss_sum"]), device=device, dtype=torch.float64)
-    reg_sum = torch.tensor(float(sums["reg_sum"]), device=device, dtype=torch.float64)
+    loss_sum = torch.tensor(float(sums["loss_sum"]), device=device, dtype=accumulator_dtype(device))
+    reg_sum = torch.tensor(float(sums["reg_sum"]), device=device, dtype=accumulator_dtype(device))
     count, done = sums["count"], start
     bar = tqdm(total=len(loader), initial=start, desc=desc, leave=False, disable=not verbose)
 
@@ -61,15 +63,22 @@ def train_one_epoch(model, loader, optimizer, loss_fn, *, noise_std=0.0, curve_w
 
     for x in loader.batches(start):
         noisy = x + noise_std * torch.randn_like(x) if noise_std > 0 else x
-        loss = loss_fn(model(noisy), x)
+        with autocast(device, amp):
+            out = model(noisy)
+        loss = loss_fn(out.float(), x)
         total = loss
         if curve_wd > 0:
             reg = 0.5 * curve_wd * model.sq_norm
             total = loss + reg
             reg_sum += reg.detach() * len(x)
         optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        optimizer.step()
+        if scaler is not None:
+            scaler.scale(total).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            total.backward()
+            optimizer.step()
         loss_sum += loss.detach() * len(x)
         count += len(x)
         done += 1
@@ -84,25 +93,53 @@ def train_one_epoch(model, loader, optimizer, loss_fn, *, noise_std=0.0, curve_w
 
 
 @torch.no_grad()
-def evaluate(model, loader, loss_fns, image_metrics=None):
+def evaluate(model, loader, loss_fns, image_metrics=None, amp="none"):
     """Mean of each loss over all images of `loader` (clean inputs, eval mode): {name: float}.
 
     `image_metrics` ({name: fn(output, input) -> one value per image}, e.g. LPIPS) are computed
-    in the same pass and averaged over images (not over batches).
+    in the same pass and averaged over images (not over batches). With `amp` only the model's
+    forward pass is in mixed precision; losses and metrics are computed in float32.
     """
     model.eval()
     fns = {**loss_fns, **(image_metrics or {})}
-    sums = {name: torch.zeros((), device=loader.device, dtype=torch.float64) for name in fns}
+    sums = {name: torch.zeros((), device=loader.device, dtype=accumulator_dtype(loader.device)) for name in fns}
     for x in loader:
-        out = model(x)
+        with autocast(loader.device, amp):
+            out = model(x)
+        out = out.float()
         for name, fn in loss_fns.items():
             sums[name] += fn(out, x).detach() * len(x)
         for name, fn in (image_metrics or {}).items():
-            sums[name] += fn(out, x).detach().double().sum()
+            sums[name] += fn(out, x).detach().to(sums[name].dtype).sum()
     return {name: (s / loader.num_images).item() for name, s in sums.items()}
 
 
 # ----------------------------------------------------------------------------- checkpoints
+
+def add_speed_args(parser):
+    g = parser.add_argument_group("speed (results stay within tolerance of the defaults)")
+    g.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none",
+                   help="mixed-precision forward passes: bf16 (CPU or CUDA) or fp16 (CUDA, with "
+                        "gradient scaling); losses are computed in float32 (none)")
+    g.add_argument("--channels_last", action="store_true",
+                   help="NHWC memory layout for weights and images (faster convolutions)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model (slow first steps)")
+    g.add_argument("--no_gpu_data", action="store_true",
+                   help="on CUDA, keep the dataset in pinned host memory even when it fits on the GPU")
+    return g
+
+
+def prepare_model(model, args):
+    """Apply --channels_last (in place) and --compile; returns the module to run."""
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    return torch.compile(model) if args.compile else model
+
+
+def make_scaler(device, amp):
+    """The gradient scaler fp16 training needs (None otherwise)."""
+    return torch.amp.GradScaler(device.type) if amp == "fp16" else None
+
 
 def rng_state():
     state = {"torch": torch.get_rng_state()}

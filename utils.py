@@ -86,6 +86,24 @@ def resolve_device(name):
     return device
 
 
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def check_amp(amp, device):
+    if amp == "fp16" and device.type != "cuda":
+        raise UserError(f"--amp fp16 needs a CUDA device (it uses a gradient scaler); use --amp bf16 on {device.type}")
+
+
+def autocast(device, amp="none"):
+    """Mixed precision for the forward pass: --amp bf16 | fp16 | none."""
+    return torch.autocast(device.type, dtype=AMP_DTYPES.get(amp, torch.bfloat16), enabled=amp in AMP_DTYPES)
+
+
+def accumulator_dtype(device):
+    """float64 for running sums of losses, where the device has it."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 def sha256(path, chunk=1 << 20):
     h = hashlib.sha256()
     with open(path, "rb") as f:

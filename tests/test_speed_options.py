@@ -1,0 +1,130 @@
+"""The fast options change speed, not results."""
+import os
+import sys
+
+import pytest
+import torch
+
+import dataset
+import eval_curve
+import trainer
+from conftest import TINY, read_log, train_main
+from models.autoencoder import Autoencoder
+from models.curves import Bezier, CurveNet
+from utils import UserError, autocast
+
+# bf16 keeps 8 bits of mantissa: a loss computed from bf16 activations agrees with float32 to
+# about 1% (measured: under 0.5% on these batches); channels_last only reorders memory, so one
+# forward pass agrees to 1e-5. Training runs with channels_last or torch.compile also draw their
+# dropout masks in another order, so their losses agree within that noise (measured: 0.4%), not bitwise.
+BF16_RTOL = 2e-2
+LAYOUT_RTOL = 1e-5
+DROPOUT_RTOL = 2e-2
+
+
+def _batch():
+    return dataset.to_float(dataset.synthetic_faces(16, seed=5))
+
+
+@pytest.mark.parametrize("curve", [False, True])
+def test_bf16_and_channels_last_forward_losses_match_fp32(curve):
+    torch.manual_seed(0)
+    model = Autoencoder(in_filters=8, latent_dim=16)
+    if curve:
+        model = CurveNet(model, Bezier, 3)
+        model.init_linear()
+    model.eval()
+    x = _batch()
+    t = torch.tensor(0.3)
+    run = (lambda m, inp: m(inp, t)) if curve else (lambda m, inp: m(inp))
+    with torch.no_grad():
+        ref = (run(model, x) - x).abs().mean().item()
+        with autocast(x.device, "bf16"):
+            bf16 = (run(model, x).float() - x).abs().mean().item()
+        model.to(memory_format=torch.channels_last)
+        cl = (run(model, x.contiguous(memory_format=torch.channels_last)) - x).abs().mean().item()
+    assert bf16 == pytest.approx(ref, rel=BF16_RTOL) and bf16 != ref
+    assert cl == pytest.approx(ref, rel=LAYOUT_RTOL)
+
+
+def test_training_with_fast_options_stays_close_to_fp32(tmp_path):
+    logs = {}
+    for name, extra in {"fp32": [], "bf16": ["--amp", "bf16"], "cl": ["--channels_last"],
+                        "both": ["--amp", "bf16", "--channels_last"]}.items():
+        train_main("--dir", tmp_path / name, *TINY, "--epochs", "2", *extra)
+        logs[name] = read_log(tmp_path / name)
+    for epoch in range(2):
+        ref = logs["fp32"][epoch]
+        assert logs["cl"][epoch]["train_loss"] == pytest.approx(ref["train_loss"], rel=DROPOUT_RTOL)
+        assert logs["cl"][epoch]["test_loss"] == pytest.approx(ref["test_loss"], rel=DROPOUT_RTOL)
+        for name in ("bf16", "both"):
+            assert logs[name][epoch]["train_loss"] == pytest.approx(ref["train_loss"], rel=BF16_RTOL)
+            assert logs[name][epoch]["test_loss"] == pytest.approx(ref["test_loss"], rel=BF16_RTOL)
+
+
+def test_resident_and_host_pipelines_yield_identical_batches():
+    images = dataset.synthetic_faces(70)
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for device in devices:
+        loaders = [dataset.TensorLoader(images, 16, device, shuffle=True, seed=3, resident=r) for r in (True, False)]
+        assert [ld.resident for ld in loaders] == [True, False]
+        for epoch in range(3):
+            for ld in loaders:
+                ld.set_epoch(epoch)
+            for a, b in zip(*loaders):
+                assert torch.equal(a, b)
+            assert all(torch.equal(a, b) for a, b in zip(loaders[0].ordered(), loaders[1].ordered()))
+
+
+def test_channels_last_loader_gives_the_same_values_in_nhwc_layout():
+    images = dataset.synthetic_faces(20)
+    plain = next(iter(dataset.TensorLoader(images, 8)))
+    nhwc = next(iter(dataset.TensorLoader(images, 8, channels_last=True)))
+    assert torch.equal(plain, nhwc) and nhwc.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_no_host_sync_per_training_step(monkeypatch):
+    torch.manual_seed(0)
+    model = Autoencoder(in_filters=4, latent_dim=8)
+    loader = dataset.TensorLoader(dataset.synthetic_faces(160), 4)  # 40 steps
+    calls = {"n": 0}
+    real_item = torch.Tensor.item
+
+    def counting_item(self):  # count the host syncs the training loop itself asks for
+        if sys._getframe(1).f_code.co_filename == trainer.__file__:
+            calls["n"] += 1
+        return real_item(self)
+    monkeypatch.setattr(torch.Tensor, "item", counting_item)
+    trainer.train_one_epoch(model, loader, torch.optim.Adam(model.parameters()), torch.nn.L1Loss(),
+                            noise_std=0.05, verbose=False)
+    # 3 syncs (finiteness, two sums) at batches 20 and 40 and at the end: nothing per step
+    assert calls["n"] <= 3 * (40 // trainer.FINITE_CHECK_EVERY + 1)
+
+
+def test_fp16_needs_cuda(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present: fp16 is allowed")
+    with pytest.raises(UserError, match="--amp fp16 needs a CUDA device"):
+        train_main("--dir", tmp_path, *TINY, "--amp", "fp16")
+
+
+def test_eval_curve_fast_options_match(trained_curve, tmp_path):
+    ckpt = os.path.join(trained_curve, "checkpoint-last.pt")
+    base = ["--ckpt", ckpt, "--num_points", "3", "--no_segment", "--device", "cpu", "--bn_batches", "4"]
+    parse = eval_curve.get_args_parser().parse_args
+    ref = eval_curve.main(parse([*base, "--dir", str(tmp_path / "a")]))
+    fast = eval_curve.main(parse([*base, "--dir", str(tmp_path / "b"), "--amp", "bf16", "--channels_last"]))
+    (label, r), (_, f) = next(iter(ref.items())), next(iter(fast.items()))
+    assert f["test_loss"] == pytest.approx(r["test_loss"], rel=BF16_RTOL)
+    assert f["length"] == pytest.approx(r["length"], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager(tmp_path):
+    train_main("--dir", tmp_path / "eager", *TINY, "--epochs", "1")
+    train_main("--dir", tmp_path / "compiled", *TINY, "--epochs", "1", "--compile")
+    eager, compiled = read_log(tmp_path / "eager")[0], read_log(tmp_path / "compiled")[0]
+    assert compiled["train_loss"] == pytest.approx(eager["train_loss"], rel=DROPOUT_RTOL)
+    assert compiled["test_loss"] == pytest.approx(eager["test_loss"], rel=DROPOUT_RTOL)
+    ck = trainer.load_checkpoint(str(tmp_path / "compiled" / "checkpoint-last.pt"))
+    assert not any(k.startswith("_orig_mod") for k in ck["state_dict"])  # the plain model is saved
