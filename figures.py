@@ -1,13 +1,10 @@
 """Figures of a walk along a path: metric-vs-t plots, reconstruction GIFs and strips."""
 import imageio.v3 as iio
-import matplotlib
 import numpy as np
 import torch
 import torchvision.utils as vutils
+from matplotlib.figure import Figure  # no pyplot: no global backend state, works headless
 from PIL import Image, ImageDraw
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 
 COLOURS = {"curve": "tab:blue", "segment": "tab:red"}
 SCALE = 2      # reconstructions are 64x64: drawn at 2x in GIFs and strips
@@ -17,7 +14,8 @@ HEADER = 22    # pixels of caption above each GIF frame
 def plot_metric(walks, key, ylabel, path, title=None):
     """`key` against t for every walk {label: {"ts": [...], "train_<key>": [...], "test_<key>": [...]}}:
     train solid, test dashed, one colour per path (as in Garipov et al.'s figures)."""
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    fig = Figure(figsize=(6, 4), dpi=120)
+    ax = fig.subplots()
     for label, walk in walks.items():
         colour = COLOURS.get(label.split()[0], None)
         for split, style in (("train", "-"), ("test", "--")):
@@ -33,7 +31,6 @@ def plot_metric(walks, key, ylabel, path, title=None):
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
 
 
 def _to_pil(images, nrow):
