@@ -14,7 +14,7 @@ import zipfile
 import torch
 from tqdm import tqdm
 
-from utils import UserError
+from utils import ArgParser, UserError, positive, run_cli
 
 DATASETS = ("celeba", "folder", "synthetic")
 IMAGE_SIZE = 64
@@ -469,7 +469,6 @@ DATA_DEFAULTS = dict(dataset="celeba", data_path="data", max_images=None, test_f
 def add_data_args(parser, inherit=False):
     """The data flags every script shares. With `inherit`, a flag left out takes the value the
     checkpoint's run used (see `inherit_data_args`)."""
-    from utils import positive
     d = (lambda k: None) if inherit else DATA_DEFAULTS.get
     g = parser.add_argument_group("data" + (" (default: as in the checkpoint's run)" if inherit else ""))
     g.add_argument("--dataset", choices=DATASETS, default=d("dataset"), help="celeba, folder or synthetic")
@@ -503,7 +502,6 @@ def build_loaders(args, device):
 
 
 def get_args_parser():
-    from utils import ArgParser
     p = ArgParser("dataset.py", description="Decode (and cache) a dataset and save a grid of its images.")
     p.add_argument("--dataset", choices=DATASETS, default="celeba")
     p.add_argument("--data_path", default="data")
@@ -523,5 +521,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    from utils import run_cli
     run_cli(main, get_args_parser())

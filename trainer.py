@@ -9,7 +9,7 @@ from tqdm import tqdm
 from utils import UserError, accumulator_dtype, autocast
 
 CHECKPOINT_FORMAT = "ae-mode-connectivity/1"
-ARCH_KEYS = ("in_channels", "in_filters", "latent_dim")  # what two endpoints must share
+ARCH_DEFAULTS = dict(in_channels=3, in_filters=64, latent_dim=128)  # the original architecture
 FINITE_CHECK_EVERY = 20  # batches between host syncs (non-finite check, progress bar update)
 
 
@@ -222,6 +222,6 @@ def load_endpoint(path, flag, map_location="cpu"):
 def check_same_architecture(configs, names):
     """Two endpoints must share every architecture setting."""
     (a, b), (na, nb) = configs, names
-    diffs = [f"{k} {a[k]} ({na}) vs {b[k]} ({nb})" for k in ARCH_KEYS if a[k] != b[k]]
+    diffs = [f"{k} {a[k]} ({na}) vs {b[k]} ({nb})" for k in ARCH_DEFAULTS if a[k] != b[k]]
     if diffs:
         raise UserError("the endpoints have different architectures: " + "; ".join(diffs))

@@ -7,7 +7,6 @@ from PIL import Image
 import check_ends
 import dataset
 import extract_point
-import train
 import trainer
 from conftest import DATA, TINY, curve_argv, read_log, run_script, train_main as _train
 from models.curves import CurveNet

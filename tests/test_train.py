@@ -177,7 +177,7 @@ def _bad_input_cases(tmp):
     }
 
 
-@pytest.mark.parametrize("case", list(_bad_input_cases("/tmp/x").keys()))
+@pytest.mark.parametrize("case", list(_bad_input_cases("root").keys()))
 def test_bad_input_gives_one_line_and_nonzero_exit(tmp_path, case):
     argv, expected = _bad_input_cases(str(tmp_path))[case]
     env = dict(os.environ, HTTPS_PROXY="http://127.0.0.1:9", HTTP_PROXY="http://127.0.0.1:9")
