@@ -194,3 +194,13 @@ def test_lpips_without_any_weights_fails_before_doing_any_work(trained_curve, tm
         evaluate_cli("--ckpt", os.path.join(trained_curve, "checkpoint-last.pt"), "--dir", tmp_path / "out",
                      "--lpips", "--device", "cpu")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_laplacian_evaluation_also_reports_l1(trained_curve, tmp_path):
+    ckpt = os.path.join(trained_curve, "checkpoint-last.pt")
+    common = ["--ckpt", ckpt, "--num_points", 2, "--no_segment", "--device", "cpu", "--bn_batches", 2]
+    (mae,) = evaluate_cli(*common, "--dir", tmp_path / "mae").values()
+    (lap,) = evaluate_cli(*common, "--dir", tmp_path / "lap", "--loss_function", "laplacian").values()
+    assert "train_l1" not in mae and {"train_loss", "train_l1", "test_loss", "test_l1"} <= set(lap)
+    assert lap["test_l1"] == pytest.approx(mae["test_loss"], rel=1e-6)   # the same L1, reported as such
+    assert lap["test_loss"] != pytest.approx(mae["test_loss"], rel=1e-3)  # the pyramid loss differs

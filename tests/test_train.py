@@ -212,3 +212,15 @@ def test_kill_9_at_any_moment_leaves_loadable_checkpoints(tmp_path):
             if f.endswith(".pt") and not f.startswith("."):
                 trainer.load_checkpoint(str(run_dir / f))  # raises if half-written
     assert trainer.load_checkpoint(str(last))["epoch"] >= 2
+
+
+def test_tensorboard_logs_when_installed_and_says_so_when_not(tmp_path, tiny_args, capsys):
+    train.main(tiny_args(tmp_path, "--epochs", "1", "--tensorboard"))
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        assert "--tensorboard needs the tensorboard package" in capsys.readouterr().err
+        assert not (tmp_path / "tensorboard").exists()
+    else:
+        assert os.listdir(tmp_path / "tensorboard")
+    assert len(read_log(tmp_path)) == 1  # the run itself is unaffected
