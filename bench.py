@@ -123,7 +123,7 @@ def epoch_runner(model, loader, curve_wd=0.0, amp="none", compile=False, channel
                                            amp=amp, scaler=scaler, verbose=False)
 
 
-def step_images(cfg, device, batch_size, channels_last=False, steps=2):
+def step_images(device, batch_size, channels_last=False, steps=2):
     images = dataset.synthetic_faces(batch_size * steps)
     return dataset.TensorLoader(images, batch_size, device, shuffle=True, channels_last=channels_last)
 
@@ -141,7 +141,7 @@ def bench_training(cfg, device, batch_size=None, steps=2):
     for name, opts in variants.items():
         torch.manual_seed(0)
         model = Autoencoder(in_filters=cfg["in_filters"]).to(device)
-        loader = step_images(cfg, device, batch_size, opts.get("channels_last", False), steps)
+        loader = step_images(device, batch_size, opts.get("channels_last", False), steps)
         fns[name] = epoch_runner(model, loader, **opts)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -160,7 +160,7 @@ def bench_training(cfg, device, batch_size=None, steps=2):
 def bench_curve_step(cfg, device):
     """Endpoint step vs 3-bend Bezier curve step (fixed ends), same data, same code path."""
     torch.manual_seed(0)
-    loader = step_images(cfg, device, cfg["batch_size"])
+    loader = step_images(device, cfg["batch_size"])
     endpoint = Autoencoder(in_filters=cfg["in_filters"]).to(device)
     curve = CurveNet(Autoencoder(in_filters=cfg["in_filters"]), Bezier, 3).to(device)
     curve.init_linear()
@@ -210,7 +210,7 @@ def bench_gpu_targets(cfg, device):
     out = {}
     for batch in (64, 256):
         torch.manual_seed(0)
-        loader = step_images(cfg, device, batch, channels_last=True, steps=10)
+        loader = step_images(device, batch, channels_last=True, steps=10)
         run = epoch_runner(Autoencoder().to(device), loader, amp="bf16", channels_last=True)
         seconds = interleaved({"run": run}, device, cfg["repeats"])["run"]
         out[f"batch{batch}_bf16_channels_last_images_per_s"] = batch * 10 / seconds

@@ -12,14 +12,15 @@ float32); the endpoints must differ in weights and in reconstructions. Writes on
 import os
 
 import torch
-import torchvision.utils as vutils
 
 import dataset as data
+import figures
 import trainer
 from losses import build_loss
 from models.curves import CurveNet
 from train import curve_name
-from utils import ArgParser, UserError, default_device, positive, resolve_device, run_cli
+from utils import (ArgParser, UserError, default_device, parameter_vector, positive, resolve_device,
+                   run_cli)
 
 TOLERANCE = 1e-5          # float32 max |difference| between an end of the curve and its endpoint
 MIN_RELATIVE_DISTANCE = 1e-4  # endpoints closer than this (relative weight distance) are "the same"
@@ -42,10 +43,6 @@ def get_args_parser():
     p.add_argument("--num_batches", type=positive(int), default=4, help="test batches compared (4)")
     data.add_data_args(p, inherit=True)
     return p
-
-
-def parameter_vector(model):
-    return torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
 def weight_distance(a, b):
@@ -80,8 +77,7 @@ def mean_output_difference(a, b, batches):
 def save_grid(batch, endpoint, point, path):
     """Rows: originals | endpoint reconstructions | curve-end reconstructions."""
     x = batch[:8]
-    vutils.save_image(torch.cat([x, endpoint(x), point(x)]).cpu(), path, nrow=len(x),
-                      normalize=True, value_range=(-1, 1))
+    figures.save_rows([x, endpoint(x), point(x)], path)
 
 
 def load_curve_and_ends(args, device):

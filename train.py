@@ -20,15 +20,16 @@ import sys
 import time
 
 import torch
-import torchvision.utils as vutils
 
 import dataset as data
+import figures
 import trainer
 from losses import LOSSES, build_loss
 from models.autoencoder import INITS, Autoencoder
 from models.curves import CurveNet, curve_class
 from utils import (ArgParser, Interrupted, RunDir, StopRequest, UserError, autocast, check_amp,
-                   default_device, positive, resolve_device, run_cli, seed_everything, sha256, update_bn)
+                   default_device, file_digest, positive, resolve_device, run_cli, seed_everything,
+                   update_bn)
 
 RUN_DEFAULTS = dict(loss_function="mae", num_filters=5)  # what the run optimises
 
@@ -145,7 +146,7 @@ def build_curve(args, resume):
                init_linear=not args.init_linear_off)
     for key, path in (("init_start", args.init_start), ("init_end", args.init_end)):
         cfg[key] = os.path.abspath(path) if path else None
-        cfg[key + "_sha256"] = sha256(path) if path else None
+        cfg[key + "_sha256"] = file_digest(path) if path else None
     return net, base.config, cfg
 
 
@@ -162,8 +163,7 @@ def save_reconstructions(model, images, path):
     with torch.no_grad():
         recon = model(images)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    vutils.save_image(torch.cat([images, recon]).cpu(), path, nrow=len(images),
-                      normalize=True, value_range=(-1, 1))
+    figures.save_rows([images, recon], path)
 
 
 def open_tensorboard(args):

@@ -104,12 +104,18 @@ def accumulator_dtype(device):
     return torch.float32 if device.type == "mps" else torch.float64
 
 
-def sha256(path, chunk=1 << 20):
-    h = hashlib.sha256()
+def file_digest(path, algorithm="sha256", chunk=1 << 20):
+    """Hex digest of a file's bytes (sha256, md5, ...), read in chunks."""
+    h = hashlib.new(algorithm)
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def parameter_vector(model):
+    """All parameters of `model` as one flat vector (for distances in weight space)."""
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
 @torch.no_grad()

@@ -10,7 +10,7 @@ import extract_point
 import trainer
 from conftest import DATA, TINY, curve_argv, read_log, run_script, train_main as _train
 from models.curves import CurveNet
-from utils import UserError, sha256, update_bn
+from utils import UserError, file_digest, update_bn
 
 def initial_midpoint_test_loss(ends):
     """Midpoint of the untrained (linear) curve, BN re-estimated on the same 10 batches as train.py."""
@@ -37,8 +37,8 @@ def test_curve_checkpoint_is_self_describing(ends, trained_curve):
     ck = trainer.load_checkpoint(os.path.join(trained_curve, "checkpoint-last.pt"), kind="curve")
     cfg = ck["curve_config"]
     assert cfg["curve"] == "Bezier" and cfg["num_bends"] == 3 and cfg["fix_start"] and cfg["fix_end"]
-    assert cfg["init_start"] == os.path.abspath(ends[0]) and cfg["init_start_sha256"] == sha256(ends[0])
-    assert cfg["init_end_sha256"] == sha256(ends[1])
+    assert cfg["init_start"] == os.path.abspath(ends[0]) and cfg["init_start_sha256"] == file_digest(ends[0])
+    assert cfg["init_end_sha256"] == file_digest(ends[1])
     assert ck["model_config"]["in_filters"] == 4  # architecture taken from the endpoints
     # the optimizer has no weight decay of its own: the curve's is the explicit term
     assert all(g["weight_decay"] == 0 for g in ck["optimizer"]["param_groups"])
@@ -135,7 +135,7 @@ def test_extracted_point_is_an_autoencoder_checkpoint_with_bn_reestimated(ends, 
     extract_point.main(extract_point.get_args_parser().parse_args(
         ["--ckpt", curve_path, "--t", "0.5", "--out", str(out), "--device", "cpu"]))
     model, ck = trainer.load_endpoint(str(out), "point")
-    assert ck["source"]["t"] == 0.5 and ck["source"]["curve_sha256"] == sha256(curve_path)
+    assert ck["source"]["t"] == 0.5 and ck["source"]["curve_sha256"] == file_digest(curve_path)
     curve = trainer.model_from_checkpoint(trainer.load_checkpoint(curve_path))
     expected = curve.point_at(0.5)
     assert all(torch.equal(p, dict(model.named_parameters())[k]) for k, p in expected.named_parameters())

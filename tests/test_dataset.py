@@ -10,7 +10,7 @@ from PIL import Image
 import dataset
 from dataset import (TensorLoader, find_celeba, load_folder, load_images, split_images,
                      synthetic_faces)
-from utils import UserError
+from utils import UserError, file_digest
 
 
 # ----------------------------------------------------------------------------- synthetic faces
@@ -260,7 +260,7 @@ def test_download_failures_give_one_clear_message_and_leave_nothing(tmp_path, mo
 def test_download_success_is_checked_renamed_and_extracted(tmp_path, monkeypatch):
     good = tmp_path / "good.zip"
     _celeba_zip(good, n=4)
-    monkeypatch.setattr(dataset, "CELEBA_MD5", dataset._md5(good))
+    monkeypatch.setattr(dataset, "CELEBA_MD5", file_digest(good, "md5"))
 
     def behaviour(output):
         with open(good, "rb") as src, open(output, "wb") as dst:
