@@ -8,7 +8,7 @@
 Figures are medians over repeated measurements after warm-up; the variants of one section run in
 turn (a, b, c, a, b, c, ...) so that their ratios compare like with like on a shared, noisy
 machine. Training steps go through trainer.train_one_epoch and evaluation through
-eval_curve.walk: the code users run. Prints a table and writes JSON.
+paths.PointEvaluator and paths.walk: the code users run. Prints a table and writes JSON.
 """
 import os
 import platform
@@ -22,12 +22,16 @@ import numpy as np
 import torch
 
 import dataset
+import image_folder
+import speed
 import trainer
-from eval_curve import walk
+from loader import TensorLoader
 from losses import LPIPS
 from models.autoencoder import Autoencoder
 from models.curves import Bezier, CurveNet
-from utils import ArgParser, UserError, default_device, positive, resolve_device, run_cli, update_bn, write_json
+from paths import PointEvaluator, update_bn, walk
+from synthetic import synthetic_faces
+from utils import ArgParser, UserError, default_device, positive, resolve_device, run_cli, write_json
 
 
 def get_args_parser():
@@ -84,15 +88,15 @@ def bench_data(cfg, device):
                 return self.transform(im.convert("RGB"))
 
     with tempfile.TemporaryDirectory() as root:
-        faces = dataset.synthetic_faces(cfg["data_images"])
+        faces = synthetic_faces(cfg["data_images"])
         for i, face in enumerate(faces):  # CelebA-like files: 178x218 JPEGs
             img = Image.fromarray(face.permute(1, 2, 0).numpy()).resize((178, 218))
             img.save(os.path.join(root, f"{i:06d}.jpg"), quality=95)
-        files = [os.path.join(root, f) for f in dataset.list_images(root)]
+        files = [os.path.join(root, f) for f in image_folder.list_images(root)]
         baseline = torch.utils.data.DataLoader(PerImagePIL(files), batch_size=cfg["batch_size"],
                                                shuffle=True, num_workers=2)
-        images = dataset.load_folder(root, verbose=False)
-        memory = dataset.TensorLoader(images, cfg["batch_size"], device, shuffle=True)
+        images = image_folder.load_folder(root, verbose=False)
+        memory = TensorLoader(images, cfg["batch_size"], device, shuffle=True)
 
         def pil_epoch():
             for x in baseline:
@@ -118,14 +122,14 @@ def epoch_runner(model, loader, curve_wd=0.0, amp="none", compile=False, channel
     runner = torch.compile(model) if compile else model
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     loss = torch.nn.L1Loss()
-    scaler = trainer.make_scaler(loader.device, amp)
+    scaler = speed.make_scaler(loader.device, amp)
     return lambda: trainer.train_one_epoch(runner, loader, opt, loss, noise_std=0.05, curve_wd=curve_wd,
                                            amp=amp, scaler=scaler, verbose=False)
 
 
 def step_images(device, batch_size, channels_last=False, steps=2):
-    images = dataset.synthetic_faces(batch_size * steps)
-    return dataset.TensorLoader(images, batch_size, device, shuffle=True, channels_last=channels_last)
+    images = synthetic_faces(batch_size * steps)
+    return TensorLoader(images, batch_size, device, shuffle=True, channels_last=channels_last)
 
 
 def bench_training(cfg, device, batch_size=None, steps=2):
@@ -176,15 +180,17 @@ def bench_eval_point(cfg, device):
     """One point of eval_curve.walk (BN re-estimation + train and test evaluation) against the
     same three passes of bare forward calls; and the same point with LPIPS on the test split."""
     torch.manual_seed(0)
-    train, test = dataset.split_images(dataset.synthetic_faces(cfg["eval_images"]), 0.2)
-    train_loader = dataset.TensorLoader(train, cfg["batch_size"], device)
-    test_loader = dataset.TensorLoader(test, cfg["batch_size"], device)
+    train, test = dataset.split_images(synthetic_faces(cfg["eval_images"]), 0.2)
+    train_loader = TensorLoader(train, cfg["batch_size"], device)
+    test_loader = TensorLoader(test, cfg["batch_size"], device)
     curve = CurveNet(Autoencoder(in_filters=cfg["eval_filters"]), Bezier, 3).to(device)
     curve.init_linear()
     model = curve.point_at(0.5)
     l1 = {"loss": torch.nn.L1Loss()}
     lpips = LPIPS().to(device)
     samples = next(iter(test_loader))[:4]
+    plain = PointEvaluator(model, train_loader, test_loader, l1, samples=samples)
+    with_lpips = PointEvaluator(model, train_loader, test_loader, l1, {"lpips": lpips}, samples=samples)
 
     @torch.no_grad()
     def bare():  # what a point needs at the least: BN pass, forward over train, forward over test
@@ -194,10 +200,9 @@ def bench_eval_point(cfg, device):
             for x in loader:
                 model(x)
 
-    def point(metrics):
-        return lambda: walk(curve, [0.5], (train_loader, test_loader), (l1, metrics), samples,
-                            "bench", verbose=False)
-    t = interleaved({"bare": bare, "point": point(None), "point_lpips": point({"lpips": lpips})},
+    def point(evaluator):
+        return lambda: walk(curve, [0.5], evaluator, "bench", verbose=False)
+    t = interleaved({"bare": bare, "point": point(plain), "point_lpips": point(with_lpips)},
                     device, cfg["repeats"])
     return {"bare_passes_s": t["bare"], "point_s": t["point"], "point_lpips_s": t["point_lpips"],
             "point_over_bare": t["point"] / t["bare"],
@@ -214,15 +219,17 @@ def bench_gpu_targets(cfg, device):
         run = epoch_runner(Autoencoder().to(device), loader, amp="bf16", channels_last=True)
         seconds = interleaved({"run": run}, device, cfg["repeats"])["run"]
         out[f"batch{batch}_bf16_channels_last_images_per_s"] = batch * 10 / seconds
-    train, test = dataset.split_images(dataset.synthetic_faces(202_599), 0.2)
-    loaders = (dataset.TensorLoader(train, 1024, device, channels_last=True),
-               dataset.TensorLoader(test, 1024, device, channels_last=True))
+    train, test = dataset.split_images(synthetic_faces(202_599), 0.2)
+    loaders = (TensorLoader(train, 1024, device, channels_last=True),
+               TensorLoader(test, 1024, device, channels_last=True))
     curve = CurveNet(Autoencoder(), Bezier, 3).to(device)
     curve.init_linear()
-    speed = SimpleNamespace(amp="bf16", channels_last=True, compile=False)
+    options = SimpleNamespace(amp="bf16", channels_last=True, compile=False)
+    samples = next(iter(loaders[1]))[:4]  # through the loader, as every caller: float, on the device
+    evaluator = PointEvaluator(curve.point_at(0.0), *loaders, {"loss": torch.nn.L1Loss()}, speed=options,
+                               samples=samples)
     start = time.perf_counter()
-    walk(curve, np.linspace(0, 1, 61), loaders, ({"loss": torch.nn.L1Loss()}, None), loaders[1].images[:4].float(),
-         "curve", verbose=False, speed=speed)
+    walk(curve, np.linspace(0, 1, 61), evaluator, "curve", verbose=False)
     sync(device)
     out["walk_61_points_202599_images_s"] = time.perf_counter() - start
     return out

@@ -13,14 +13,14 @@ import os
 
 import torch
 
+import checkpoints
 import dataset as data
 import figures
 import trainer
-from losses import build_loss
-from models.curves import CurveNet
-from train import curve_name
-from utils import (ArgParser, UserError, default_device, parameter_vector, positive, resolve_device,
-                   run_cli)
+from losses import evaluation_losses
+from models.curves import connect, curve_name
+from paths import output_difference, weight_distance
+from utils import ArgParser, UserError, default_device, positive, resolve_device, run_cli
 
 TOLERANCE = 1e-5          # float32 max |difference| between an end of the curve and its endpoint
 MIN_RELATIVE_DISTANCE = 1e-4  # endpoints closer than this (relative weight distance) are "the same"
@@ -45,32 +45,12 @@ def get_args_parser():
     return p
 
 
-def weight_distance(a, b):
-    """||w_b - w_a|| over all parameters, and ||w_a||."""
-    wa, wb = parameter_vector(a), parameter_vector(b)
-    return (wb - wa).norm().item(), wa.norm().item()
-
-
 @torch.no_grad()
 def curve_end(curve, t, endpoint):
     """The curve's point at t, in eval mode, with `endpoint`'s BatchNorm buffers."""
     point = curve.point_at(t)
     point.load_state_dict(dict(endpoint.named_buffers()), strict=False)
     return point.eval()
-
-
-@torch.no_grad()
-def max_output_difference(a, b, batches):
-    """max |a(x) - b(x)| over the batches (both in eval mode)."""
-    a.eval(), b.eval()
-    return max((a(x) - b(x)).abs().max().item() for x in batches)
-
-
-@torch.no_grad()
-def mean_output_difference(a, b, batches):
-    a.eval(), b.eval()
-    diffs = [(a(x) - b(x)).abs() for x in batches]
-    return (sum(d.sum() for d in diffs) / sum(d.numel() for d in diffs)).item()
 
 
 @torch.no_grad()
@@ -81,32 +61,31 @@ def save_grid(batch, endpoint, point, path):
 
 
 def load_curve_and_ends(args, device):
-    """(curve, start model, end model, curve checkpoint or None) from the flags."""
+    """(curve, start model, end model, curve checkpoint or None, endpoint paths) from the flags."""
     ck = None
     if args.ckpt:
-        ck = trainer.load_checkpoint(args.ckpt, kind="curve", flag="--ckpt")
-        curve = trainer.model_from_checkpoint(ck)
+        ck = checkpoints.load(args.ckpt, kind="curve", flag="--ckpt")
         cfg = ck["curve_config"]
         paths = [args.init_start or cfg["init_start"], args.init_end or cfg["init_end"]]
         if None in paths:
             raise UserError("the curve was trained without endpoint checkpoints; "
                             "give them with --init_start and --init_end")
+        # the recorded files (those not replaced by a flag) must be the ones the curve was trained from
+        recorded = [k for k, given in (("init_start", args.init_start), ("init_end", args.init_end)) if not given]
+        checkpoints.verify_endpoints(cfg, strict=True, keys=recorded)
     else:
         if not (args.curve and args.init_start and args.init_end):
             raise UserError("give --ckpt CURVE, or --curve with --init_start and --init_end")
         paths = [args.init_start, args.init_end]
-    (start, sck), (end, eck) = [trainer.load_endpoint(p, flag) for p, flag in zip(paths, ("--init_start", "--init_end"))]
-    trainer.check_same_architecture([sck["model_config"], eck["model_config"]], paths)
+    (start, sck), (end, _) = checkpoints.load_endpoints(paths)
     if ck is None:  # the original's check: a fresh curve between the endpoints, as training builds it
         try:
-            curve = CurveNet(trainer.model_from_checkpoint(sck), args.curve, args.num_bends)
+            curve = connect(start, end, args.curve, args.num_bends)
         except ValueError as e:
             raise UserError(str(e))
-        curve.import_base(start, 0)
-        curve.import_base(end, args.num_bends - 1)
-        curve.init_linear()
     else:
-        trainer.check_same_architecture([ck["model_config"], sck["model_config"]], (args.ckpt, paths[0]))
+        curve = checkpoints.build_model(ck)
+        checkpoints.check_same_architecture([ck["model_config"], sck["model_config"]], (args.ckpt, paths[0]))
     return curve.to(device), start.to(device), end.to(device), ck, paths
 
 
@@ -117,8 +96,7 @@ def main(args):
     data.inherit_data_args(args, saved_args)
     out_dir = args.dir or (os.path.dirname(os.path.abspath(args.ckpt)) if args.ckpt else ".")
     os.makedirs(out_dir, exist_ok=True)
-    loss_name = (saved_args or {}).get("loss_function") or "mae"
-    loss_fn = build_loss(loss_name, (saved_args or {}).get("num_filters") or 5).to(device)
+    loss_name, loss_fns = evaluation_losses(None, saved_args, device)
 
     _, test_loader = data.build_loaders(args, device)
     batches = [x for _, x in zip(range(args.num_batches), test_loader)]
@@ -128,19 +106,19 @@ def main(args):
     print(f"curve: {curve.curve}, {curve.num_bends} bends; {sum(len(x) for x in batches)} test images")
     for t, endpoint, path in ((0, start, paths[0]), (1, end, paths[1])):
         point = curve_end(curve, t, endpoint)
-        diff = max_output_difference(point, endpoint, batches)
+        diff, _ = output_difference(point, endpoint, batches)
         ok = diff < TOLERANCE
-        note = "" if fixed[t] else " (free end, trained: not required to match)"
-        print(f"t={t}: max |curve(t) - endpoint| = {diff:.3e}  [{'ok' if ok or not fixed[t] else 'FAIL'}, "
-              f"tolerance {TOLERANCE:g}]{note}  endpoint {path}")
+        verdict = "ok" if ok else "FAIL" if fixed[t] else "moved, as expected: a free end is trained"
+        print(f"t={t}: max |curve(t) - endpoint| = {diff:.3e}  [{verdict}; tolerance {TOLERANCE:g}]  "
+              f"endpoint {path}")
         if fixed[t] and not ok:
             failures.append(f"the curve at t={t} differs from its endpoint by {diff:.3e}")
         grid = os.path.join(out_dir, f"check_ends-t{t}.png")
         save_grid(batches[0], endpoint.eval(), point, grid)
 
     distance, norm = weight_distance(start, end)
-    recon = mean_output_difference(start, end, batches)
-    losses = [trainer.evaluate(m, test_loader, {"loss": loss_fn})["loss"] for m in (start, end)]
+    _, recon = output_difference(start, end, batches)
+    losses = [trainer.evaluate(m, test_loader, {"loss": loss_fns["loss"]})["loss"] for m in (start, end)]
     print(f"endpoints: ||w_end - w_start|| = {distance:.4f} (||w_start|| = {norm:.4f}, "
           f"relative {distance / norm:.4f}); mean |recon_end - recon_start| = {recon:.5f}")
     print(f"endpoint test {loss_name} loss (images in [-1, 1]): start {losses[0]:.5f}, end {losses[1]:.5f}")

@@ -8,10 +8,10 @@ eval_curve.py --connect TRIVIAL).
 """
 import os
 
+import checkpoints
 import dataset as data
-import trainer
-from utils import (ArgParser, UserError, default_device, file_digest, positive, resolve_device,
-                   run_cli, update_bn)
+from paths import update_bn
+from utils import ArgParser, UserError, default_device, file_digest, positive, resolve_device, run_cli
 
 
 def get_args_parser():
@@ -26,27 +26,18 @@ def get_args_parser():
     return p
 
 
-def extract_point(curve_checkpoint, t, train_batches, bn_batches=None, source=None):
-    """An autoencoder checkpoint dict holding theta(t) with BatchNorm re-estimated."""
-    curve = trainer.model_from_checkpoint(curve_checkpoint).to(train_batches.device)
-    point = curve.point_at(t)
-    update_bn(train_batches, point, num_batches=bn_batches)
-    return dict(kind="autoencoder", model_config=curve_checkpoint["model_config"], curve_config=None,
-                state_dict=point.state_dict(), optimizer=None, epoch=curve_checkpoint["epoch"],
-                batch=0, sums=None, args=curve_checkpoint["args"], rng=trainer.rng_state(),
-                source=dict(curve=source, curve_sha256=file_digest(source) if source else None, t=t))
-
-
 def main(args):
     if not 0 <= args.t <= 1:
         raise UserError(f"--t must be in [0, 1], got {args.t}")
     device = resolve_device(args.device)
-    ck = trainer.load_checkpoint(args.ckpt, kind="curve", flag="--ckpt")
+    ck = checkpoints.load(args.ckpt, kind="curve", flag="--ckpt")
     data.inherit_data_args(args, ck["args"])
     train_loader, _ = data.build_loaders(args, device)
-    point = extract_point(ck, args.t, train_loader.ordered(), args.bn_batches, os.path.abspath(args.ckpt))
+    point = checkpoints.build_model(ck).to(device).point_at(args.t)
+    update_bn(train_loader.ordered(), point, num_batches=args.bn_batches)
+    source = dict(curve=os.path.abspath(args.ckpt), curve_sha256=file_digest(args.ckpt), t=args.t)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    trainer.save_checkpoint(args.out, point)
+    checkpoints.save(args.out, checkpoints.autoencoder(point, ck["args"], ck["epoch"], source))
     print(f"theta({args.t:g}) of {args.ckpt} saved as an autoencoder checkpoint: {args.out}")
 
 

@@ -3,6 +3,7 @@ import imageio.v3 as iio
 import numpy as np
 import torch
 import torchvision.utils as vutils
+from torchvision.transforms.functional import to_pil_image
 from matplotlib.figure import Figure  # no pyplot: no global backend state, works headless
 from PIL import Image, ImageDraw
 
@@ -43,8 +44,7 @@ def _to_pil(images, nrow):
     """(N, 3, 64, 64) in [-1, 1] -> a PIL grid scaled by SCALE."""
     grid = vutils.make_grid(images.float().cpu(), nrow=nrow, normalize=True, value_range=(-1, 1),
                             pad_value=1.0)
-    arr = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-    img = Image.fromarray(arr)
+    img = to_pil_image(grid)
     return img.resize((img.width * SCALE, img.height * SCALE), Image.NEAREST)
 
 

@@ -9,6 +9,7 @@ from torch import nn
 from utils import file_digest
 
 LOSSES = ("mae", "laplacian")
+LOSS_DEFAULTS = dict(loss_function="mae", num_filters=5)  # what a run optimises, unless told
 
 
 def _binomial_kernel(channels):
@@ -87,13 +88,25 @@ class LaplacianPyramidLoss(nn.Module):
         return loss
 
 
-def build_loss(name, num_filters=5, channels=3):
+def build_loss(name=LOSS_DEFAULTS["loss_function"], num_filters=LOSS_DEFAULTS["num_filters"], channels=3):
     """The reconstruction loss a run trains with: 'mae' or 'laplacian' (num_filters levels)."""
     if name == "mae":
         return nn.L1Loss()
     if name == "laplacian":
         return LaplacianPyramidLoss(max_levels=num_filters, channels=channels)
     raise ValueError(f"unknown loss {name!r}; choose from {LOSSES}")
+
+
+def evaluation_losses(args, run_args, device):
+    """The losses an evaluation reports, named as in its outputs: {"loss": the run's loss (or
+    --loss_function / --num_filters when given), "l1": L1 too when that loss is not L1}.
+    Returns (loss name, {name: loss module})."""
+    name, levels = (getattr(args, k, None) or (run_args or {}).get(k) or LOSS_DEFAULTS[k]
+                    for k in ("loss_function", "num_filters"))
+    fns = {"loss": build_loss(name, levels).to(device)}
+    if name != "mae":
+        fns["l1"] = build_loss("mae")
+    return name, fns
 
 
 # ----------------------------------------------------------------------------- LPIPS

@@ -21,17 +21,17 @@ import time
 
 import torch
 
+import checkpoints
 import dataset as data
 import figures
+import speed
 import trainer
-from losses import LOSSES, build_loss
-from models.autoencoder import INITS, Autoencoder
-from models.curves import CurveNet, curve_class
-from utils import (ArgParser, Interrupted, RunDir, StopRequest, UserError, autocast, check_amp,
-                   default_device, file_digest, positive, resolve_device, run_cli, seed_everything,
-                   update_bn)
-
-RUN_DEFAULTS = dict(loss_function="mae", num_filters=5)  # what the run optimises
+from losses import LOSS_DEFAULTS, LOSSES, build_loss
+from models.autoencoder import ARCH_DEFAULTS, INIT_DEFAULT, INITS, Autoencoder
+from models.curves import connect, curve_name
+from paths import update_bn
+from utils import (ArgParser, Interrupted, RunDir, StopRequest, UserError, default_device, positive,
+                   resolve_device, run_cli, seed_everything)
 
 
 def get_args_parser():
@@ -55,7 +55,7 @@ def get_args_parser():
     g.add_argument("--in_channels", type=positive(int), default=None, help="image channels (3)")
     g.add_argument("--in_filters", type=positive(int), default=None, help="base width f (64)")
     g.add_argument("--latent_dim", type=positive(int), default=None, help="embedding size (128)")
-    g.add_argument("--conv_init", choices=INITS, default="normal")
+    g.add_argument("--conv_init", choices=INITS, default=INIT_DEFAULT)
     g = p.add_argument_group("optimizer")
     g.add_argument("--optim_name", choices=("Adam", "SGD"), default="Adam")
     g.add_argument("--lr", type=positive(float), default=1e-4, help="initial learning rate")
@@ -64,7 +64,7 @@ def get_args_parser():
     g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     g.add_argument("--wd", type=float, default=1e-6,
                    help="weight decay (for a curve: 0.5 * wd * ||theta(t)||^2 added to the loss)")
-    trainer.add_speed_args(p)
+    speed.add_speed_args(p)
     g = p.add_argument_group("curve (default: from the checkpoint when resuming)")
     g.add_argument("--curve", type=curve_name, default=None, help="Bezier or PolyChain: train a curve")
     g.add_argument("--num_bends", type=positive(int), default=None, help="bends including both ends (3)")
@@ -79,23 +79,6 @@ def get_args_parser():
     return p
 
 
-def curve_name(text):
-    try:
-        return curve_class(text).__name__
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e))
-
-
-def resolve(args, saved, defaults):
-    """Settings from flags, else from a saved run's args, else defaults; a flag that contradicts
-    the saved run is an error naming the difference."""
-    given = {k: getattr(args, k) for k in defaults}
-    if saved is not None:
-        trainer.check_config(given, saved, "the checkpoint")
-    return {k: given[k] if given[k] is not None else (saved or {}).get(k, defaults[k])
-            for k in defaults}
-
-
 def check_run_dir(args):
     """Refuse to start a fresh run on top of another one (it would overwrite its checkpoints)."""
     if args.resume is None and os.path.isfile(os.path.join(args.dir, "log.jsonl")):
@@ -105,7 +88,7 @@ def check_run_dir(args):
 
 def build_endpoint(args, resume):
     saved_cfg = resume["model_config"] if resume else None
-    arch = resolve(args, saved_cfg, trainer.ARCH_DEFAULTS)
+    arch = checkpoints.resolve_settings(args, saved_cfg, ARCH_DEFAULTS)
     if arch["in_channels"] != 3:
         raise UserError(f"--in_channels {arch['in_channels']}: the images are RGB (3 channels)")
     conv_init = saved_cfg["conv_init"] if saved_cfg else args.conv_init
@@ -117,44 +100,33 @@ def build_curve(args, resume):
     """A CurveNet between the endpoint checkpoints (or, on --resume, as the checkpoint says)."""
     if resume:
         cfg = resume["curve_config"]
-        trainer.check_config({"curve": args.curve, "num_bends": args.num_bends}, cfg, "the checkpoint")
-        arch = resolve(args, resume["model_config"], trainer.ARCH_DEFAULTS)
+        checkpoints.check_config({"curve": args.curve, "num_bends": args.num_bends}, cfg, "the checkpoint")
+        checkpoints.verify_endpoints(cfg, strict=False)
+        arch = checkpoints.resolve_settings(args, resume["model_config"], ARCH_DEFAULTS)
         base = Autoencoder(**arch, conv_init=resume["model_config"]["conv_init"])
-        net = CurveNet(base, cfg["curve"], cfg["num_bends"], cfg["fix_start"], cfg["fix_end"])
-        return net, base.config, cfg
-    num_bends = args.num_bends or 3
-    ends = [trainer.load_endpoint(p, flag) if p else (None, None)
-            for p, flag in ((args.init_start, "--init_start"), (args.init_end, "--init_end"))]
-    configs = [ck["model_config"] for _, ck in ends if ck]
-    if len(configs) == 2:
-        trainer.check_same_architecture(configs, (args.init_start, args.init_end))
-    if len(configs) < 2:
+        return connect(None, None, cfg["curve"], cfg["num_bends"], cfg["fix_start"], cfg["fix_end"],
+                       init_linear=False, template=base), base.config, cfg
+    given = {flag: path for flag, path in (("--init_start", args.init_start), ("--init_end", args.init_end)) if path}
+    saved = {flag: checkpoints.load(path, kind="autoencoder", flag=flag) for flag, path in given.items()}
+    if len(saved) == 2:
+        checkpoints.check_same_architecture([ck["model_config"] for ck in saved.values()], list(given.values()))
+    else:
         print("warning: without --init_start and --init_end the ends of the curve start from the "
               f"--conv_init {args.conv_init} initialisation", file=sys.stderr)
-    arch = resolve(args, configs[0] if configs else None, trainer.ARCH_DEFAULTS)
-    base = Autoencoder(**arch, conv_init=args.conv_init)
+    arch = checkpoints.resolve_settings(args, next(iter(saved.values()))["model_config"] if saved else None,
+                                        ARCH_DEFAULTS)
+    base = Autoencoder(**arch, conv_init=args.conv_init)  # the first draw after seeding
+    ends = {flag: checkpoints.build_model(ck) for flag, ck in saved.items()}
+    num_bends = args.num_bends or 3
     try:
-        net = CurveNet(base, args.curve, num_bends, args.fix_start, args.fix_end)
+        net = connect(ends.get("--init_start"), ends.get("--init_end"), args.curve, num_bends,
+                      args.fix_start, args.fix_end, init_linear=not args.init_linear_off, template=base)
     except ValueError as e:
         raise UserError(str(e))
-    for index, (model, _) in ((0, ends[0]), (num_bends - 1, ends[1])):
-        if model is not None:
-            net.import_base(model, index)
-    if not args.init_linear_off:
-        net.init_linear()
     cfg = dict(curve=net.curve, num_bends=num_bends, fix_start=args.fix_start, fix_end=args.fix_end,
-               init_linear=not args.init_linear_off)
-    for key, path in (("init_start", args.init_start), ("init_end", args.init_end)):
-        cfg[key] = os.path.abspath(path) if path else None
-        cfg[key + "_sha256"] = file_digest(path) if path else None
+               init_linear=not args.init_linear_off,
+               **checkpoints.endpoint_record((args.init_start, args.init_end)))
     return net, base.config, cfg
-
-
-def make_optimizer(args, params, weight_decay):
-    if args.optim_name == "Adam":
-        return torch.optim.Adam(params, lr=args.lr, betas=(args.beta_1, args.beta_2),
-                                weight_decay=weight_decay)
-    return torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=weight_decay)
 
 
 def save_reconstructions(model, images, path):
@@ -180,8 +152,8 @@ def open_tensorboard(args):
 
 def main(args):
     device = resolve_device(args.device)
-    check_amp(args.amp, device)
-    resume = trainer.load_checkpoint(args.resume, kind=None, flag="--resume") if args.resume else None
+    speed.check_amp(args.amp, device)
+    resume = checkpoints.load(args.resume, flag="--resume") if args.resume else None
     if resume and resume.get("optimizer") is None:
         raise UserError(f"--resume {args.resume} is a point extracted from a curve, not a training "
                         "state; use it as --init_start / --init_end")
@@ -189,7 +161,7 @@ def main(args):
         raise UserError(f"--resume {args.resume} holds an autoencoder, not a curve; drop --curve")
     is_curve = bool(args.curve) or (resume is not None and resume["kind"] == "curve")
     saved_args = resume["args"] if resume else None
-    run_cfg = resolve(args, saved_args, RUN_DEFAULTS)
+    run_cfg = checkpoints.resolve_settings(args, saved_args, LOSS_DEFAULTS)
     args.loss_function, args.num_filters = run_cfg["loss_function"], run_cfg["num_filters"]
     check_run_dir(args)
     run = RunDir(args.dir)
@@ -202,10 +174,10 @@ def main(args):
         if hasattr(args, k):
             setattr(args, k, v)
     model.to(device)
-    runner = trainer.prepare_model(model, args)  # channels_last / torch.compile
-    scaler = trainer.make_scaler(device, args.amp)
+    runner = speed.prepare_model(model, args)  # channels_last / torch.compile
+    scaler = speed.make_scaler(device, args.amp)
     # a curve's weight decay is the explicit 0.5 * wd * ||theta(t)||^2 term, not the optimizer's
-    optimizer = make_optimizer(args, [p for p in model.parameters() if p.requires_grad],
+    optimizer = trainer.make_optimizer(args, [p for p in model.parameters() if p.requires_grad],
                                0.0 if is_curve else args.wd)
     curve_wd = args.wd if is_curve else 0.0
     run.save_args(args)
@@ -222,7 +194,7 @@ def main(args):
         epoch = resume["epoch"]
         if resume.get("batch", 0) > 0:
             position = resume["sums"]
-        trainer.set_rng_state(resume["rng"])
+        checkpoints.set_rng_state(resume["rng"])
         print(f"resuming {args.resume} at epoch {epoch + 1}"
               + (f", batch {position['batches']}" if position else ""))
     if epoch >= args.epochs:
@@ -242,7 +214,7 @@ def main(args):
                     state_dict=model.state_dict(), optimizer=optimizer.state_dict(),
                     scaler=scaler.state_dict() if scaler is not None else None,
                     epoch=epoch, batch=sums["batches"] if sums else 0, sums=sums,
-                    args=vars(args), rng=trainer.rng_state())
+                    args=vars(args), rng=checkpoints.rng_state())
 
     with StopRequest().installed() as stop:
         while epoch < args.epochs:
@@ -262,14 +234,14 @@ def main(args):
                                 f"stopped, {kept}; try a lower --lr")
             position = None
             if sums["batches"] < len(train_loader):  # Ctrl-C mid-epoch
-                trainer.save_checkpoint(last, checkpoint(epoch, sums))
+                checkpoints.save(last, checkpoint(epoch, sums))
                 raise Interrupted(f"interrupted in epoch {epoch + 1} at batch {sums['batches']}; "
                                   f"resume with --resume {last}")
             train_loss = sums["loss_sum"] / sums["count"]
             evaluated = runner
             if is_curve:  # the midpoint, BatchNorm re-estimated on a fixed subset of training batches
                 evaluated = model.point_at(0.5)
-                with autocast(device, args.amp):
+                with speed.autocast(device, args.amp):
                     update_bn(train_loader.ordered(), evaluated, num_batches=args.midpoint_bn_batches)
             test_loss = trainer.evaluate(evaluated, test_loader, {"loss": loss_fn}, amp=args.amp)["loss"]
             epoch += 1
@@ -286,9 +258,9 @@ def main(args):
                     writer.add_scalar(k, record[k], epoch)
             save_reconstructions(evaluated, sample, run.file(f"recon/epoch-{epoch:03d}.png"))
             state = checkpoint(epoch)
-            trainer.save_checkpoint(last, state)
+            checkpoints.save(last, state)
             if epoch % args.save_freq == 0 or (epoch == args.epochs and args.save_final):
-                trainer.save_checkpoint(run.file(f"checkpoint-{epoch}.pt"), state)
+                checkpoints.save(run.file(f"checkpoint-{epoch}.pt"), state)
             if stop.requested and epoch < args.epochs:
                 raise Interrupted(f"interrupted after epoch {epoch}; resume with --resume {last}")
     if writer is not None:

@@ -1,17 +1,17 @@
-"""Small shared helpers: CLI plumbing, seeding, devices, BatchNorm re-estimation, run logging."""
+"""Small shared helpers: CLI plumbing, devices, seeding, files and run directories."""
 import argparse
 import contextlib
 import hashlib
 import json
 import os
 import random
+import re
 import shlex
 import signal
 import sys
 
 import numpy as np
 import torch
-from torch import nn
 
 
 class UserError(Exception):
@@ -32,9 +32,10 @@ class ArgParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def run_cli(main, parser):
-    """Parse the command line and run `main(args)`; expected failures exit without a traceback."""
-    args = parser.parse_args()
+def run_cli(main, parser, argv=None):
+    """Parse the command line (or `argv`) and run `main(args)`; expected failures exit without a
+    traceback."""
+    args = parser.parse_args(argv)
     try:
         main(args)
     except Interrupted as e:
@@ -86,24 +87,6 @@ def resolve_device(name):
     return device
 
 
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def check_amp(amp, device):
-    if amp == "fp16" and device.type != "cuda":
-        raise UserError(f"--amp fp16 needs a CUDA device (it uses a gradient scaler); use --amp bf16 on {device.type}")
-
-
-def autocast(device, amp="none"):
-    """Mixed precision for the forward pass: --amp bf16 | fp16 | none."""
-    return torch.autocast(device.type, dtype=AMP_DTYPES.get(amp, torch.bfloat16), enabled=amp in AMP_DTYPES)
-
-
-def accumulator_dtype(device):
-    """float64 for running sums of losses, where the device has it."""
-    return torch.float32 if device.type == "mps" else torch.float64
-
-
 def file_digest(path, algorithm="sha256", chunk=1 << 20):
     """Hex digest of a file's bytes (sha256, md5, ...), read in chunks."""
     h = hashlib.new(algorithm)
@@ -113,72 +96,87 @@ def file_digest(path, algorithm="sha256", chunk=1 << 20):
     return h.hexdigest()
 
 
-def parameter_vector(model):
-    """All parameters of `model` as one flat vector (for distances in weight space)."""
-    return torch.cat([p.detach().flatten() for p in model.parameters()])
+def output_stem(path):
+    """A name for outputs derived from a checkpoint: runs/curve/checkpoint-8.pt -> curve_checkpoint-8."""
+    folder = os.path.basename(os.path.dirname(os.path.abspath(path)))
+    return f"{folder}_{os.path.splitext(os.path.basename(path))[0]}"
 
 
-@torch.no_grad()
-def update_bn(batches, model, device=None, num_batches=None):
-    """Re-estimate the BatchNorm running statistics of `model` over `batches`.
+# ----------------------------------------------------------------------------- files
 
-    Like `torch.optim.swa_utils.update_bn` (Izmailov et al. 2018; used by Garipov et al. 2018 at
-    every point of a curve): the running statistics are reset and momentum is set to None, so
-    each BN layer ends with the plain average over batches of the per-batch mean and of the
-    per-batch unbiased variance. Unlike torch's version, only the BN layers are put in train mode;
-    dropout and everything else stay in eval mode, so the statistics are those of the network
-    that will be evaluated. Modes and momenta are restored afterwards.
+def temporary_name(path):
+    """The hidden temporary file an atomic write of `path` goes through: .<name>.tmp-<pid>."""
+    folder, name = os.path.split(os.path.abspath(path))
+    return os.path.join(folder, f".{name}.tmp-{os.getpid()}")
 
-    batches: any iterable of tensors (or of tuples whose first item is the input), e.g. a loader.
-    num_batches: use only the first `num_batches` batches (the same ones on every call when the
-    iterable is deterministic).
 
-    Example::
-        >>> model = curve_net.point_at(0.5)
-        >>> update_bn(train_loader, model, num_batches=50)
-        >>> model.eval(); test_loss = evaluate(model, test_loader)
-    """
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not bns:
-        return
-    was_training = {m: m.training for m in model.modules()}
-    momenta = {}
-    for bn in bns:
-        bn.reset_running_stats()
-        momenta[bn] = bn.momentum
-        bn.momentum = None
-    model.eval()
-    for bn in bns:
-        bn.train()
+_TEMPORARY = re.compile(r"^\..+\.tmp-(\d+)$")
+
+
+def remove_stale_temporaries(folder, prefix=""):
+    """Delete temporaries of atomic writes (of files named `prefix`...) whose writer is gone (a
+    killed run leaves them behind); those of live processes, which may still be writing, are kept.
+    Returns the names removed."""
+    removed = []
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        match = _TEMPORARY.match(name)
+        if match is None or not name.startswith("." + prefix) or _process_alive(int(match.group(1))):
+            continue
+        try:
+            os.remove(os.path.join(folder, name))
+            removed.append(name)
+        except OSError:
+            pass
+    return removed
+
+
+def _process_alive(pid):
     try:
-        for i, batch in enumerate(batches):
-            if num_batches is not None and i >= num_batches:
-                break
-            if isinstance(batch, (list, tuple)):
-                batch = batch[0]
-            if device is not None:
-                batch = batch.to(device, non_blocking=True)
-            model(batch)
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def atomic_write(path, mode="wb"):
+    """Open a temporary beside `path` for writing; on success fsync it and rename it over `path`,
+    so a crash or kill at any moment leaves either the old file or the new one, never half of one."""
+    tmp = temporary_name(path)
+    try:
+        with open(tmp, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
     finally:
-        for bn in bns:
-            bn.momentum = momenta[bn]
-        for m, mode in was_training.items():
-            m.train(mode)
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(path, obj):
+    """Write JSON atomically (temporary file + rename)."""
+    with atomic_write(path, "w") as f:
+        json.dump(obj, f, indent=2, default=str)
 
 
 class RunDir:
-    """The run directory: the exact command, args.json, and one JSON line per epoch in log.jsonl."""
+    """The run directory: the exact command, args.json, and one JSON line per epoch in log.jsonl.
+    Temporaries left there by a killed earlier run are removed when it is opened."""
 
     def __init__(self, path):
         self.path = path
         try:
             os.makedirs(path, exist_ok=True)
-            probe = os.path.join(path, ".write-test")
+            probe = os.path.join(path, f".write-test.tmp-{os.getpid()}")
             with open(probe, "w"):
                 pass
             os.remove(probe)
         except OSError as e:
             raise UserError(f"cannot write to --dir {path}: {e.strerror}")
+        remove_stale_temporaries(path)
         with open(os.path.join(path, "command.txt"), "a") as f:
             f.write(shlex.join([sys.executable] + sys.argv) + "\n")
 
@@ -191,14 +189,6 @@ class RunDir:
     def log(self, record):
         with open(self.file("log.jsonl"), "a") as f:
             f.write(json.dumps(record) + "\n")
-
-
-def write_json(path, obj):
-    """Write JSON atomically (temporary file + rename)."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=str)
-    os.replace(tmp, path)
 
 
 class StopRequest:

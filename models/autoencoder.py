@@ -7,6 +7,8 @@ which leave checkerboard artefacts), 1 -> 4 -> 8 -> 16 -> 32 -> 64, ending in Ta
 live in [-1, 1] like the inputs. Convolutions have no bias (BatchNorm follows most of them).
 At the defaults (in_filters=64, latent_dim=128, in_channels=3) it has 17,944,512 parameters.
 """
+import inspect
+
 import torch
 from torch import nn
 
@@ -87,6 +89,12 @@ def init_weights(model, scheme="normal"):
         elif isinstance(m, nn.BatchNorm2d):
             nn.init.normal_(m.weight, 1.0, 0.02)
             nn.init.zeros_(m.bias)
+
+
+_DEFAULTS = inspect.signature(Autoencoder.__init__).parameters
+# the original architecture, as the signature above gives it (17,944,512 parameters)
+ARCH_DEFAULTS = {k: _DEFAULTS[k].default for k in ("in_channels", "in_filters", "latent_dim")}
+INIT_DEFAULT = _DEFAULTS["conv_init"].default
 
 
 def count_parameters(model):

@@ -7,11 +7,11 @@ Bezier curve or of a polygonal chain. `CurveNet` holds the bends of every parame
 is ever written twice. A 2-bend chain is the straight segment between the endpoints.
 
 Example::
-    >>> net = CurveNet(Autoencoder(), Bezier, num_bends=3)
-    >>> net.import_base(start, 0); net.import_base(end, 2); net.init_linear()
+    >>> net = connect(start, end, Bezier, num_bends=3)   # interior bend on the segment
     >>> out = net(x)                 # one t ~ U(0, 1) for the batch; net.sq_norm = ||theta(t)||^2
     >>> mid = net.point_at(0.5)      # an ordinary Autoencoder holding theta(0.5)
 """
+import argparse
 import copy
 from math import comb
 
@@ -64,6 +64,14 @@ def curve_class(name):
         raise ValueError(f"unknown curve {name!r}; choose Bezier or PolyChain") from None
 
 
+def curve_name(text):
+    """argparse type: a curve name in any case -> its canonical spelling ('Bezier', 'PolyChain')."""
+    try:
+        return curve_class(text).__name__
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e))
+
+
 def _split(name):
     """'decoder.4.weight' -> ('decoder.4', 'weight')."""
     module, _, attr = name.rpartition(".")
@@ -75,7 +83,7 @@ class CurveNet(nn.Module):
 
     self.bends[k] is a copy of `base` that holds only the parameters of bend k (no buffers);
     self.base is a copy of `base` that holds only its buffers (the one set of BatchNorm running
-    statistics, re-estimated at each t before evaluation; see utils.update_bn). The first and last
+    statistics, re-estimated at each t before evaluation; see paths.update_bn). The first and last
     bends are frozen when `fix_start` / `fix_end`.
     """
 
@@ -173,3 +181,20 @@ class CurveNet(nn.Module):
             module, attr = _split(n)
             model.get_submodule(module).register_parameter(attr, nn.Parameter(value.detach().clone()))
         return model
+
+
+def connect(start, end, curve=PolyChain, num_bends=2, fix_start=True, fix_end=True, init_linear=True,
+            template=None):
+    """The curve from `start` (t = 0) to `end` (t = 1), both modules of one architecture; with the
+    defaults, the straight segment between them (a 2-bend PolyChain). Either end may be None: that
+    end then keeps `template`'s parameters. With `init_linear` the interior bends start evenly on
+    the segment (Garipov). The base module (and its buffers) is a copy of `template`, else `start`."""
+    template = template if template is not None else start if start is not None else end
+    net = CurveNet(template, curve, num_bends, fix_start, fix_end)
+    if start is not None:
+        net.import_base(start, 0)
+    if end is not None:
+        net.import_base(end, num_bends - 1)
+    if init_linear:
+        net.init_linear()
+    return net

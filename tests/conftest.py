@@ -28,11 +28,34 @@ def read_log(run_dir):
         return [json.loads(line) for line in f]
 
 
-def run_script(script, *argv, cwd=ROOT, timeout=300):
-    """Run a project script as users do; returns the CompletedProcess (text output)."""
+def run_script(script, *argv, separate_process=False, timeout=300):
+    """Run a project script's command line; returns an object with returncode, stdout, stderr.
+
+    By default in this process, through the same `utils.run_cli` the script's `__main__` guard
+    calls (a new interpreter costs seconds of imports per call); an exception that escapes it is
+    reported as a traceback on stderr with return code 1, as the interpreter would.
+    `separate_process=True` runs `python script.py ...` for real."""
     import subprocess
-    return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, argv)],
-                          cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    argv = [str(a) for a in argv]
+    if separate_process:
+        return subprocess.run([sys.executable, os.path.join(ROOT, script), *argv],
+                              cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    import contextlib
+    import importlib
+    import io
+    import traceback
+    from utils import run_cli
+    module = importlib.import_module(script[:-len(".py")])
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            run_cli(module.main, module.get_args_parser(), argv)
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        except Exception:
+            traceback.print_exc()
+            code = 1
+    return subprocess.CompletedProcess([script, *argv], code, out.getvalue(), err.getvalue())
 
 
 # A small synthetic set shared by the curve tests: 320 train / 80 test images, batches of 32.

@@ -1,3 +1,6 @@
+"""bench.py's harness only: that it runs, writes what it prints, and derives each ratio from the
+figures it measured. Whether the code is fast is what bench.py itself measures (BENCHMARKS.md);
+timings are never asserted here."""
 import json
 
 import pytest
@@ -6,7 +9,7 @@ import bench
 from utils import UserError
 
 
-def test_quick_benchmark_runs_and_reports_consistent_figures(tmp_path):
+def test_harness_runs_and_derives_its_ratios_from_its_measurements(tmp_path):
     out = tmp_path / "bench.json"
     results = bench.main(bench.get_args_parser().parse_args(["--quick", "--device", "cpu", "--json", str(out)]))
     saved = json.loads(out.read_text())

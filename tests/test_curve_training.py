@@ -1,28 +1,37 @@
 import os
+import shutil
 
 import pytest
 import torch
 from PIL import Image
 
 import check_ends
+import checkpoints
 import dataset
+import eval_curve
 import extract_point
 import trainer
 from conftest import DATA, TINY, curve_argv, read_log, run_script, train_main as _train
+from loader import TensorLoader, to_float
+from losses import LaplacianPyramidLoss
+from models.autoencoder import Autoencoder
 from models.curves import CurveNet
-from utils import UserError, file_digest, update_bn
+from paths import output_difference, update_bn, weight_distance
+from synthetic import synthetic_faces
+from utils import UserError, file_digest
+
 
 def initial_midpoint_test_loss(ends):
     """Midpoint of the untrained (linear) curve, BN re-estimated on the same 10 batches as train.py."""
-    (a, _), (b, _) = [trainer.load_endpoint(p, "end") for p in ends]
+    (a, _), (b, _) = [checkpoints.load_endpoint(p, "end") for p in ends]
     net = CurveNet(a, "Bezier", 3)
     net.import_base(a, 0)
     net.import_base(b, 2)
     net.init_linear()
-    train_images, test_images = dataset.split_images(dataset.synthetic_faces(400), 0.2)
+    train_images, test_images = dataset.split_images(synthetic_faces(400), 0.2)
     point = net.point_at(0.5)
-    update_bn(dataset.TensorLoader(train_images, 32), point, num_batches=10)
-    return trainer.evaluate(point, dataset.TensorLoader(test_images, 32), {"l1": torch.nn.L1Loss()})["l1"]
+    update_bn(TensorLoader(train_images, 32), point, num_batches=10)
+    return trainer.evaluate(point, TensorLoader(test_images, 32), {"l1": torch.nn.L1Loss()})["l1"]
 
 
 def test_training_a_bezier_curve_lowers_the_midpoint_loss(ends, trained_curve):
@@ -34,7 +43,7 @@ def test_training_a_bezier_curve_lowers_the_midpoint_loss(ends, trained_curve):
 
 
 def test_curve_checkpoint_is_self_describing(ends, trained_curve):
-    ck = trainer.load_checkpoint(os.path.join(trained_curve, "checkpoint-last.pt"), kind="curve")
+    ck = checkpoints.load(os.path.join(trained_curve, "checkpoint-last.pt"), kind="curve")
     cfg = ck["curve_config"]
     assert cfg["curve"] == "Bezier" and cfg["num_bends"] == 3 and cfg["fix_start"] and cfg["fix_end"]
     assert cfg["init_start"] == os.path.abspath(ends[0]) and cfg["init_start_sha256"] == file_digest(ends[0])
@@ -42,16 +51,16 @@ def test_curve_checkpoint_is_self_describing(ends, trained_curve):
     assert ck["model_config"]["in_filters"] == 4  # architecture taken from the endpoints
     # the optimizer has no weight decay of its own: the curve's is the explicit term
     assert all(g["weight_decay"] == 0 for g in ck["optimizer"]["param_groups"])
-    curve = trainer.model_from_checkpoint(ck)
-    (a, _), (b, _) = [trainer.load_endpoint(p, "end") for p in ends]
+    curve = checkpoints.build_model(ck)
+    (a, _), (b, _) = [checkpoints.load_endpoint(p, "end") for p in ends]
     for name, p in a.named_parameters():  # fixed ends are exactly the endpoints after training
         assert torch.equal(curve.bends[0].get_parameter(name), p)
         assert torch.equal(curve.bends[2].get_parameter(name), dict(b.named_parameters())[name])
 
 
 def test_logged_regulariser_is_half_wd_times_the_squared_norm(trained_curve):
-    ck = trainer.load_checkpoint(os.path.join(trained_curve, "checkpoint-last.pt"))
-    curve = trainer.model_from_checkpoint(ck)
+    ck = checkpoints.load(os.path.join(trained_curve, "checkpoint-last.pt"))
+    curve = checkpoints.build_model(ck)
     norms = [sum((p ** 2).sum() for p in curve.point_at(t).parameters()).item() for t in (0.0, 0.5, 1.0)]
     reg = read_log(trained_curve)[-1]["reg"]
     # reg is the mean over batches of 0.5 * wd * ||theta(t)||^2 at random t: within the range along t
@@ -61,8 +70,8 @@ def test_logged_regulariser_is_half_wd_times_the_squared_norm(trained_curve):
 def test_curve_resume_equals_the_uninterrupted_run(ends, trained_curve, tmp_path):
     _train(*curve_argv(tmp_path, ends, "--epochs", "4", "--save_freq", "1",
                        "--resume", os.path.join(trained_curve, "checkpoint-2.pt")))
-    a = trainer.load_checkpoint(os.path.join(trained_curve, "checkpoint-4.pt"))["state_dict"]
-    b = trainer.load_checkpoint(os.path.join(tmp_path, "checkpoint-4.pt"))["state_dict"]
+    a = checkpoints.load(os.path.join(trained_curve, "checkpoint-4.pt"))["state_dict"]
+    b = checkpoints.load(os.path.join(tmp_path, "checkpoint-4.pt"))["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert read_log(tmp_path)[-1] == {**read_log(trained_curve)[-1], "time": read_log(tmp_path)[-1]["time"]}
 
@@ -87,7 +96,7 @@ def test_bad_curve_inputs_are_clear_errors(ends, tmp_path):
 def test_without_endpoints_the_curve_starts_from_the_init_with_a_warning(tmp_path, capsys):
     _train("--dir", tmp_path, *TINY, "--curve", "PolyChain", "--epochs", "1")
     assert "without --init_start and --init_end" in capsys.readouterr().err
-    ck = trainer.load_checkpoint(os.path.join(tmp_path, "checkpoint-last.pt"), kind="curve")
+    ck = checkpoints.load(os.path.join(tmp_path, "checkpoint-last.pt"), kind="curve")
     assert ck["curve_config"]["curve"] == "PolyChain" and ck["curve_config"]["init_start"] is None
 
 
@@ -95,7 +104,7 @@ def test_without_endpoints_the_curve_starts_from_the_init_with_a_warning(tmp_pat
 
 def test_check_ends_passes_on_a_trained_curve_and_writes_grids(trained_curve, tmp_path):
     r = run_script("check_ends.py", "--ckpt", os.path.join(trained_curve, "checkpoint-last.pt"),
-                   "--device", "cpu", "--dir", tmp_path)
+                   "--device", "cpu", "--dir", tmp_path, separate_process=True)
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("max |curve(t) - endpoint| = 0.000e+00") == 2
     assert "||w_end - w_start||" in r.stdout and "all checks passed" in r.stdout
@@ -104,16 +113,19 @@ def test_check_ends_passes_on_a_trained_curve_and_writes_grids(trained_curve, tm
             assert im.size == (8 * 66 + 2, 3 * 66 + 2)  # originals | endpoint | curve end
 
 
-def test_check_ends_functions_measure_what_they_say(ends, trained_curve):
-    curve = trainer.model_from_checkpoint(
-        trainer.load_checkpoint(os.path.join(trained_curve, "checkpoint-last.pt")))
-    (a, _), (b, _) = [trainer.load_endpoint(p, "end") for p in ends]
-    x = [torch.rand(4, 3, 64, 64) * 2 - 1]
-    assert check_ends.max_output_difference(check_ends.curve_end(curve, 0, a), a, x) == 0.0
-    assert check_ends.max_output_difference(check_ends.curve_end(curve, 0.5, a), a, x) > 1e-3
-    distance, norm = check_ends.weight_distance(a, b)
+def test_weight_distance_and_output_difference_by_hand(ends):
+    (a, _), (b, _) = [checkpoints.load_endpoint(p, "end") for p in ends]
+    a.eval(), b.eval()
+    x = [torch.rand(4, 3, 64, 64) * 2 - 1, torch.rand(3, 3, 64, 64) * 2 - 1]
+    with torch.no_grad():
+        d = torch.cat([(a(xi) - b(xi)).abs().flatten() for xi in x])
+    peak, mean = output_difference(a, b, x)
+    assert peak == pytest.approx(d.max().item()) and mean == pytest.approx(d.mean().item(), rel=1e-6)
+    assert output_difference(a, a, x) == (0.0, 0.0)
+    distance, norm = weight_distance(a, b)
     by_hand = sum(((pa - pb) ** 2).sum() for pa, pb in zip(a.parameters(), b.parameters())).sqrt()
-    assert distance == pytest.approx(by_hand.item(), rel=1e-5) and norm > 0
+    assert distance == pytest.approx(by_hand.item(), rel=1e-5)
+    assert norm == pytest.approx(sum((p ** 2).sum() for p in a.parameters()).sqrt().item(), rel=1e-5)
 
 
 def test_check_ends_fails_when_an_end_does_not_match_or_endpoints_are_the_same(ends, trained_curve, tmp_path):
@@ -134,13 +146,13 @@ def test_extracted_point_is_an_autoencoder_checkpoint_with_bn_reestimated(ends, 
     out = tmp_path / "mid.pt"
     extract_point.main(extract_point.get_args_parser().parse_args(
         ["--ckpt", curve_path, "--t", "0.5", "--out", str(out), "--device", "cpu"]))
-    model, ck = trainer.load_endpoint(str(out), "point")
+    model, ck = checkpoints.load_endpoint(str(out), "point")
     assert ck["source"]["t"] == 0.5 and ck["source"]["curve_sha256"] == file_digest(curve_path)
-    curve = trainer.model_from_checkpoint(trainer.load_checkpoint(curve_path))
+    curve = checkpoints.build_model(checkpoints.load(curve_path))
     expected = curve.point_at(0.5)
     assert all(torch.equal(p, dict(model.named_parameters())[k]) for k, p in expected.named_parameters())
-    train_images, _ = dataset.split_images(dataset.synthetic_faces(400), 0.2)
-    update_bn(dataset.TensorLoader(train_images, 32), expected)  # the whole training split
+    train_images, _ = dataset.split_images(synthetic_faces(400), 0.2)
+    update_bn(TensorLoader(train_images, 32), expected)  # the whole training split
     assert all(torch.allclose(v, dict(model.named_buffers())[k]) for k, v in expected.named_buffers())
     # usable wherever an endpoint is: here as the end of a fresh curve in check_ends.py
     r = run_script("check_ends.py", "--curve", "PolyChain", "--init_start", ends[0], "--init_end", out,
@@ -148,3 +160,76 @@ def test_extracted_point_is_an_autoencoder_checkpoint_with_bn_reestimated(ends, 
     assert r.returncode == 0, r.stderr
     with pytest.raises(UserError, match="not a training state"):
         _train("--dir", tmp_path / "r", *DATA, "--resume", out)
+
+
+def _bend(ck, k):
+    """Bend k of a curve checkpoint as a flat parameter vector."""
+    return torch.cat([v.flatten() for n, v in ck["state_dict"].items() if n.startswith(f"bends.{k}.")])
+
+
+def _params(model):
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def test_free_ends_are_trained_and_check_ends_reports_it_as_expected(ends, tmp_path):
+    _train("--dir", tmp_path, *DATA, "--lr", "1e-3", "--curve", "Bezier", "--num_bends", "3",
+           "--init_start", ends[0], "--init_end", ends[1], "--epochs", "1")
+    ck = checkpoints.load(os.path.join(tmp_path, "checkpoint-last.pt"))
+    assert not ck["curve_config"]["fix_start"] and not ck["curve_config"]["fix_end"]
+    (a, _), (b, _) = [checkpoints.load_endpoint(p, "end") for p in ends]
+    assert (_bend(ck, 0) - _params(a)).abs().max() > 1e-4 and (_bend(ck, 2) - _params(b)).abs().max() > 1e-4
+    r = run_script("check_ends.py", "--ckpt", os.path.join(tmp_path, "checkpoint-last.pt"),
+                   "--device", "cpu", "--dir", tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("moved, as expected: a free end is trained") == 2 and "all checks passed" in r.stdout
+
+
+@pytest.mark.parametrize("linear", [True, False])
+def test_interior_bends_start_on_the_segment_unless_init_linear_off(ends, tmp_path, linear):
+    # a learning rate of 1e-9 leaves every bend where it started (Adam moves each weight ~lr per step)
+    _train(*curve_argv(tmp_path, ends, "--epochs", "1", "--lr", "1e-9", "--seed", "7",
+                       *([] if linear else ["--init_linear_off"])))
+    ck = checkpoints.load(os.path.join(tmp_path, "checkpoint-last.pt"))
+    assert ck["curve_config"]["init_linear"] is linear
+    (a, _), (b, _) = [checkpoints.load_endpoint(p, "end") for p in ends]
+    midpoint = 0.5 * (_params(a) + _params(b))
+    torch.manual_seed(7)  # train.py's first draw after seeding is the curve's template initialisation
+    template = _params(Autoencoder(in_filters=4, latent_dim=8))
+    start = midpoint if linear else template
+    other = template if linear else midpoint
+    assert (_bend(ck, 1) - start).abs().max() < 1e-6
+    assert (_bend(ck, 1) - other).abs().max() > 1e-2
+
+
+def test_a_curve_trained_with_the_laplacian_loss_reports_that_loss_at_the_midpoint(ends, tmp_path):
+    _train(*curve_argv(tmp_path, ends, "--epochs", "1", "--loss_function", "laplacian", "--num_filters", "3"))
+    ck = checkpoints.load(os.path.join(tmp_path, "checkpoint-last.pt"))
+    point = checkpoints.build_model(ck).point_at(0.5)
+    train_images, test_images = dataset.split_images(synthetic_faces(400), 0.2)
+    update_bn(TensorLoader(train_images, 32), point, num_batches=10)  # --midpoint_bn_batches 10
+    point.eval()
+    x = to_float(test_images)
+    with torch.no_grad():
+        pyramid = LaplacianPyramidLoss(3)(point(x), x).item()
+    assert read_log(tmp_path)[-1]["test_loss"] == pytest.approx(pyramid, rel=1e-5)
+
+
+def test_a_changed_or_missing_endpoint_file_is_named(ends, tmp_path, capsys):
+    a, b = tmp_path / "a.pt", tmp_path / "b.pt"
+    shutil.copy(ends[0], a)
+    shutil.copy(ends[1], b)
+    _train(*curve_argv(tmp_path / "curve", (str(a), str(b)), "--epochs", "1"))
+    curve = str(tmp_path / "curve" / "checkpoint-1.pt")
+    shutil.copy(ends[0], b)  # the end endpoint is overwritten (say, retrained into the same place)
+    with pytest.raises(UserError, match=r"the --init_end endpoint .*b.pt has changed since the curve was trained"):
+        check_ends.main(check_ends.get_args_parser().parse_args(["--ckpt", curve, "--device", "cpu"]))
+    capsys.readouterr()
+    eval_curve.main(eval_curve.get_args_parser().parse_args(
+        ["--ckpt", curve, "--num_points", "2", "--no_segment", "--device", "cpu", "--dir", str(tmp_path / "e")]))
+    err = capsys.readouterr().err
+    assert "warning: the --init_end endpoint" in err and "uses the curve's own copy of its ends" in err
+    _train(*curve_argv(tmp_path / "curve", (str(a), str(b)), "--epochs", "2", "--resume", curve))
+    assert "has changed since the curve was trained" in capsys.readouterr().err
+    os.remove(a)
+    with pytest.raises(UserError, match=r"the --init_start endpoint .*a.pt recorded in the curve is gone"):
+        check_ends.main(check_ends.get_args_parser().parse_args(["--ckpt", curve, "--device", "cpu"]))

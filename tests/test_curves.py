@@ -1,12 +1,11 @@
-from math import comb
-
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from models.autoencoder import Autoencoder
-from models.curves import Bezier, CurveNet, PolyChain, curve_class
-from utils import update_bn
+from models.curves import Bezier, CurveNet, PolyChain, connect, curve_class
+from paths import update_bn
 
 
 def tiny(seed, init="normal", f=4):
@@ -16,11 +15,7 @@ def tiny(seed, init="normal", f=4):
 
 def make_curve(curve=Bezier, n=3, **kw):
     a, b = tiny(0), tiny(1, "kaiming_normal")
-    net = CurveNet(tiny(2), curve, n, **kw)
-    net.import_base(a, 0)
-    net.import_base(b, n - 1)
-    net.init_linear()
-    return net, a, b
+    return connect(a, b, curve, n, template=tiny(2), **kw), a, b
 
 
 def params(model):
@@ -29,29 +24,35 @@ def params(model):
 
 # ----------------------------------------------------------------------------- coefficients
 
+def de_casteljau(points, t):
+    """A point of the Bezier curve with control points `points` by de Casteljau's recursion:
+    repeated linear interpolation of neighbours, independent of the Bernstein closed form."""
+    while len(points) > 1:
+        points = [(1 - t) * a + t * b for a, b in zip(points[:-1], points[1:])]
+    return points[0]
+
+
 @pytest.mark.parametrize("n", [2, 3, 4, 5])
-def test_bezier_coefficients_match_the_bernstein_closed_form(n):
-    for t in torch.rand(20, generator=torch.Generator().manual_seed(n)).tolist() + [0.0, 1.0]:
-        got = Bezier(n)(t)
-        expected = [comb(n - 1, k) * t ** k * (1 - t) ** (n - 1 - k) for k in range(n)]
-        assert torch.allclose(got, torch.tensor(expected, dtype=torch.float32), atol=1e-6)
-        assert got.sum().item() == pytest.approx(1.0, abs=1e-6)
+def test_bezier_coefficients_agree_with_de_casteljau(n):
+    # with unit vectors e_k as control points, de Casteljau's point is the coefficient vector
+    basis = list(np.eye(n))
+    for t in np.random.default_rng(n).uniform(size=20).tolist() + [0.0, 1.0]:
+        got = Bezier(n)(t).double().numpy()
+        assert np.allclose(got, de_casteljau(basis, t), atol=1e-6)
     assert Bezier(n)(0.0).tolist() == [1.0] + [0.0] * (n - 1)
     assert Bezier(n)(1.0).tolist() == [0.0] * (n - 1) + [1.0]
 
 
 @pytest.mark.parametrize("n", [2, 3, 4, 5])
-def test_polychain_coefficients_are_hat_functions_one_hot_at_the_knots(n):
-    for t in torch.rand(20, generator=torch.Generator().manual_seed(n)).tolist():
-        got = PolyChain(n)(t)
-        expected = [max(0.0, 1 - abs(t * (n - 1) - k)) for k in range(n)]
-        assert torch.allclose(got, torch.tensor(expected), atol=1e-6)
-        assert got.sum().item() == pytest.approx(1.0, abs=1e-6)
-        assert (got > 0).sum() <= 2  # at most two neighbouring bends are active
-    for k in range(n):
-        one_hot = [0.0] * n
-        one_hot[k] = 1.0
-        assert PolyChain(n)(k / (n - 1)).tolist() == one_hot
+def test_polychain_is_linear_interpolation_of_the_knots(n):
+    # the chain through bends theta_k at t = k / (n - 1): np.interp of random knot values
+    knots = np.linspace(0, 1, n)
+    values = np.random.default_rng(n).normal(size=(3, n))
+    for t in np.random.default_rng(10 + n).uniform(size=20).tolist() + knots.tolist():
+        coeffs = PolyChain(n)(t).double().numpy()
+        for v in values:
+            assert coeffs @ v == pytest.approx(np.interp(t, knots, v), abs=1e-6)
+        assert (coeffs > 0).sum() <= 2  # at most two neighbouring bends are active
 
 
 def test_fewer_than_two_bends_and_unknown_names_are_errors():
@@ -200,3 +201,11 @@ def test_update_bn_gives_the_dataset_mean_and_batch_averaged_unbiased_variance()
     model.train()
     update_bn(batches, model)
     assert model.training and bn.training
+
+
+def test_connect_without_init_linear_keeps_the_template_inside_and_a_missing_end():
+    a, b, template = tiny(0), tiny(1, "kaiming_normal"), tiny(2)
+    net = connect(a, b, Bezier, 3, init_linear=False, template=template)
+    assert all(torch.equal(net.bends[1].get_parameter(k), v) for k, v in params(template).items())
+    half = connect(a, None, PolyChain, 2, template=template)  # no end given: it stays the template
+    assert all(torch.equal(half.bends[1].get_parameter(k), v) for k, v in params(template).items())

@@ -7,9 +7,13 @@ import pytest
 import torch
 from PIL import Image
 
-import dataset
-from dataset import (TensorLoader, find_celeba, load_folder, load_images, split_images,
-                     synthetic_faces)
+import celeba
+import image_folder
+from celeba import find_celeba
+from dataset import load_images, split_images
+from image_folder import load_folder
+from loader import TensorLoader
+from synthetic import synthetic_faces
 from utils import UserError, file_digest
 
 
@@ -78,7 +82,7 @@ def test_folder_loading_formats_modes_and_unreadable_files(tmp_path, capsys):
     assert images.shape == (n, 3, 64, 64) and images.dtype == torch.uint8
     err = capsys.readouterr().err
     assert "skipped 1 unreadable" in err and "broken.jpg" in err
-    files = [f for f in dataset.list_images(str(tmp_path)) if f != "broken.jpg"]
+    files = [f for f in image_folder.list_images(str(tmp_path)) if f != "broken.jpg"]
     by_name = dict(zip(files, images))
     assert torch.all(by_name["grey.png"] == 77)                      # grey -> equal RGB channels
     assert by_name["alpha.png"][:, 32, 32].tolist() == [10, 200, 30]  # RGBA -> RGB
@@ -117,7 +121,7 @@ def test_cache_is_reused_and_rebuilt_when_stale(tmp_path, monkeypatch, capsys):
 
     def no_decoding(path, size=64):
         raise AssertionError("decoded although the cache is valid")
-    monkeypatch.setattr(dataset, "decode_image", no_decoding)
+    monkeypatch.setattr(image_folder, "decode_image", no_decoding)
     assert torch.equal(load_folder(str(tmp_path), verbose=False), first)
     monkeypatch.undo()
 
@@ -126,13 +130,32 @@ def test_cache_is_reused_and_rebuilt_when_stale(tmp_path, monkeypatch, capsys):
     capsys.readouterr()
     second = load_folder(str(tmp_path), verbose=False)
     assert "stale" in capsys.readouterr().err
-    idx = [f for f in dataset.list_images(str(tmp_path)) if f != "broken.jpg"].index("rgb0.png")
+    idx = [f for f in image_folder.list_images(str(tmp_path)) if f != "broken.jpg"].index("rgb0.png")
     assert second[idx, :, 5, 5].tolist() == [1, 2, 3] and not torch.equal(first, second)
 
     # a different preprocessing or cache version also rebuilds
-    monkeypatch.setattr(dataset, "CACHE_VERSION", dataset.CACHE_VERSION + 1)
+    monkeypatch.setattr(image_folder, "CACHE_VERSION", image_folder.CACHE_VERSION + 1)
     load_folder(str(tmp_path), verbose=False)
     assert "version changed" in capsys.readouterr().err
+
+
+def test_a_folder_holds_one_cache_per_max_images_setting_whatever_changes(tmp_path):
+    make_folder(tmp_path)
+    legacy = tmp_path / ".cache-64px-11.pt"          # version 1 named caches by image count
+    legacy.write_bytes(b"old")
+    dead = tmp_path / "..cache-64px-all.pt.tmp-999999999"   # a write killed half-way (no such pid)
+    dead.write_bytes(b"partial")
+
+    def caches():
+        return sorted(f for f in os.listdir(tmp_path) if f.startswith((".cache-", "..cache-")))
+    load_folder(str(tmp_path), verbose=False)
+    load_folder(str(tmp_path), max_images=3, verbose=False)
+    assert caches() == [".cache-64px-all.pt", ".cache-64px-first3.pt"]
+    for i in range(3):  # the folder grows: each setting's cache is rebuilt in place
+        Image.new("RGB", (64, 64), (i, 0, 0)).save(tmp_path / f"zz{i}.png")
+        assert len(load_folder(str(tmp_path), verbose=False)) == 11 + i + 1
+        load_folder(str(tmp_path), max_images=3, verbose=False)
+    assert caches() == [".cache-64px-all.pt", ".cache-64px-first3.pt"]
 
 
 def test_max_images_limits_before_the_split(tmp_path):
@@ -215,7 +238,7 @@ def _fake_gdown(monkeypatch, behaviour):
     import gdown
 
     def download(id=None, output=None, quiet=False, **kw):
-        assert id == dataset.CELEBA_DRIVE_ID
+        assert id == celeba.CELEBA_DRIVE_ID
         return behaviour(output)
     monkeypatch.setattr(gdown, "download", download)
 
@@ -260,7 +283,7 @@ def test_download_failures_give_one_clear_message_and_leave_nothing(tmp_path, mo
 def test_download_success_is_checked_renamed_and_extracted(tmp_path, monkeypatch):
     good = tmp_path / "good.zip"
     _celeba_zip(good, n=4)
-    monkeypatch.setattr(dataset, "CELEBA_MD5", file_digest(good, "md5"))
+    monkeypatch.setattr(celeba, "CELEBA_MD5", file_digest(good, "md5"))
 
     def behaviour(output):
         with open(good, "rb") as src, open(output, "wb") as dst:

@@ -9,11 +9,15 @@ import pytest
 import torch
 from PIL import Image
 
+import checkpoints
 import dataset
 import train
 import trainer
 from conftest import read_log, ROOT, TINY, run_script
+from loader import TensorLoader, to_float
+from losses import LaplacianPyramidLoss
 from models.autoencoder import Autoencoder
+from synthetic import synthetic_faces
 from utils import Interrupted, UserError
 
 
@@ -55,43 +59,57 @@ def test_run_leaves_checkpoints_log_grid_and_command(straight_run):
     assert not [f for f in files if ".tmp" in f]
     log = read_log(straight_run)
     assert [r["epoch"] for r in log] == [1, 2]
-    assert [r["lr"] for r in log] == [trainer.learning_rate(1e-4, e, 2) for e in range(2)]
+    # Garipov's schedule at e / E for e = 1, 2 of E = 2: factor 1 at 0.5, 0.01 at 1
+    assert [r["lr"] for r in log] == pytest.approx([1e-4, 1e-6], rel=1e-12)
     with Image.open(os.path.join(straight_run, "recon", "epoch-002.png")) as im:
         assert im.size == (8 * 66 + 2, 2 * 66 + 2)  # 8 originals above 8 reconstructions
     with open(os.path.join(straight_run, "args.json")) as f:
         assert json.load(f)["in_filters"] == 4
 
 
+def test_learning_rate_factors_are_garipovs_counted_from_one():
+    # written out by hand from Garipov's schedule at e / 8, e = 1..8
+    expected = [1, 1, 1, 1, 0.690625, 0.38125, 0.071875, 0.01]
+    assert [trainer.learning_rate(1.0, e, 8) for e in range(8)] == pytest.approx(expected, abs=1e-12)
+    assert trainer.learning_rate(0.1, 3, 4) == pytest.approx(0.001)  # the last epoch: 1%
+
+
 def test_checkpoint_rebuilds_the_model_and_reproduces_the_logged_test_loss(straight_run):
-    ck = trainer.load_checkpoint(os.path.join(straight_run, "checkpoint-2.pt"))
+    ck = checkpoints.load(os.path.join(straight_run, "checkpoint-2.pt"))
     assert ck["kind"] == "autoencoder" and ck["epoch"] == 2
     assert ck["model_config"] == dict(in_channels=3, in_filters=4, latent_dim=8, conv_init="normal")
     model = Autoencoder(**ck["model_config"])
     model.load_state_dict(ck["state_dict"])
     model.eval()
-    _, test = dataset.split_images(dataset.synthetic_faces(160), 0.2)
-    x = dataset.to_float(test)
+    _, test = dataset.split_images(synthetic_faces(160), 0.2)
+    x = to_float(test)
     with torch.no_grad():
         loss = (model(x) - x).abs().mean().item()  # L1 over the whole test split, by hand
     assert loss == pytest.approx(read_log(straight_run)[-1]["test_loss"], rel=1e-5)
 
 
 def test_training_lowers_the_loss(tmp_path, tiny_args):
-    # enough steps (40 per epoch) for BatchNorm's running statistics to settle for the test loss
-    train.main(tiny_args(tmp_path, "--epochs", "3", "--lr", "1e-3", "--max_images", "800", "--batch_size", "16"))
+    # enough steps (40 per epoch, two at the full rate) for BatchNorm's running statistics to settle
+    train.main(tiny_args(tmp_path, "--epochs", "4", "--lr", "1e-3", "--max_images", "800", "--batch_size", "16"))
     log = read_log(tmp_path)
     assert log[-1]["train_loss"] < 0.8 * log[0]["train_loss"]
     assert log[-1]["test_loss"] < log[0]["test_loss"]
 
 
 def test_resume_from_an_epoch_checkpoint_equals_the_straight_run(straight_run, tmp_path, tiny_args):
+    dead = tmp_path / ".checkpoint-last.pt.tmp-999999999"  # left by a write killed half-way
+    live = tmp_path / f".other.pt.tmp-{os.getppid()}"  # a writer that is still running
+    dead.write_bytes(b"partial")
+    live.write_bytes(b"partial")
     train.main(tiny_args(tmp_path, "--epochs", "2", "--save_freq", "1",
                          "--resume", os.path.join(straight_run, "checkpoint-1.pt")))
-    a = trainer.load_checkpoint(os.path.join(straight_run, "checkpoint-2.pt"))
-    b = trainer.load_checkpoint(os.path.join(tmp_path, "checkpoint-2.pt"))
+    a = checkpoints.load(os.path.join(straight_run, "checkpoint-2.pt"))
+    b = checkpoints.load(os.path.join(tmp_path, "checkpoint-2.pt"))
     assert _states_equal(a["state_dict"], b["state_dict"])
-    assert read_log(tmp_path)[-1]["train_loss"] == read_log(straight_run)[-1]["train_loss"]
-    assert read_log(tmp_path)[-1]["test_loss"] == read_log(straight_run)[-1]["test_loss"]
+    resumed, straight = read_log(tmp_path)[-1], read_log(straight_run)[-1]
+    assert resumed["train_loss"] == straight["train_loss"] and resumed["test_loss"] == straight["test_loss"]
+    assert resumed["lr"] == pytest.approx(1e-6, rel=1e-12)  # the schedule continues where it was
+    assert not dead.exists() and live.exists()
 
 
 def test_ctrl_c_mid_epoch_saves_a_checkpoint_that_resumes_exactly(straight_run, tmp_path, tiny_args, monkeypatch):
@@ -104,14 +122,71 @@ def test_ctrl_c_mid_epoch_saves_a_checkpoint_that_resumes_exactly(straight_run, 
         train.main(tiny_args(tmp_path, "--epochs", "2", "--save_freq", "1"))
     monkeypatch.undo()
     last = os.path.join(tmp_path, "checkpoint-last.pt")
-    ck = trainer.load_checkpoint(last)
+    ck = checkpoints.load(last)
     assert (ck["epoch"], ck["batch"]) == (1, 2)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
     train.main(tiny_args(tmp_path, "--epochs", "2", "--save_freq", "1", "--resume", last))
-    a = trainer.load_checkpoint(os.path.join(straight_run, "checkpoint-2.pt"))
-    b = trainer.load_checkpoint(os.path.join(tmp_path, "checkpoint-2.pt"))
+    a = checkpoints.load(os.path.join(straight_run, "checkpoint-2.pt"))
+    b = checkpoints.load(os.path.join(tmp_path, "checkpoint-2.pt"))
     assert _states_equal(a["state_dict"], b["state_dict"])
     assert read_log(tmp_path)[-1]["train_loss"] == pytest.approx(read_log(straight_run)[-1]["train_loss"], rel=1e-12)
+
+
+def test_sgd_trains_and_keeps_its_momentum_in_the_checkpoint(tmp_path, tiny_args):
+    train.main(tiny_args(tmp_path, "--epochs", "3", "--optim_name", "SGD", "--lr", "0.2",
+                         "--max_images", "800", "--batch_size", "16"))
+    log = read_log(tmp_path)
+    assert log[0]["train_loss"] > log[1]["train_loss"] > log[2]["train_loss"]
+    assert log[2]["test_loss"] < 0.9 * log[0]["test_loss"]
+    ck = checkpoints.load(os.path.join(tmp_path, "checkpoint-last.pt"))
+    assert ck["optimizer"]["param_groups"][0]["momentum"] == 0.9
+    model = checkpoints.build_model(ck)
+    buffers = [st["momentum_buffer"] for st in ck["optimizer"]["state"].values()]
+    assert len(buffers) == len(list(model.parameters())) and all(b.abs().sum() > 0 for b in buffers)
+
+
+class _Probe(torch.nn.Module):
+    """Identity times a learnable scale, recording the inputs it is given."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(()))
+        self.inputs = []
+
+    def forward(self, x):
+        self.inputs.append(x.detach().clone())
+        return x * self.scale
+
+
+@pytest.mark.parametrize("noise_std", [0.0, 0.1])
+def test_denoising_noises_the_input_only_and_scores_against_the_clean_image(noise_std):
+    images = synthetic_faces(256)
+    model, targets = _Probe(), []
+
+    def loss_fn(out, target):
+        targets.append(target.clone())
+        return (out - target).abs().mean()
+    trainer.train_one_epoch(model, TensorLoader(images, 64), torch.optim.SGD(model.parameters(), lr=0.0),
+                            loss_fn, noise_std=noise_std, verbose=False)
+    clean = to_float(images).split(64)
+    assert all(torch.equal(t, c) for t, c in zip(targets, clean))  # the loss sees the clean images
+    noise = torch.cat([i - c for i, c in zip(model.inputs, clean)])
+    assert noise.std().item() == pytest.approx(noise_std, abs=2e-3)
+    assert abs(noise.mean().item()) < 2e-3
+
+
+def test_an_endpoint_trained_with_the_laplacian_loss_reports_that_loss(tmp_path, tiny_args):
+    train.main(tiny_args(tmp_path, "--epochs", "1", "--loss_function", "laplacian", "--num_filters", "3"))
+    ck = checkpoints.load(os.path.join(tmp_path, "checkpoint-last.pt"))
+    assert (ck["args"]["loss_function"], ck["args"]["num_filters"]) == ("laplacian", 3)
+    model = checkpoints.build_model(ck).eval()
+    _, test = dataset.split_images(synthetic_faces(160), 0.2)
+    x = to_float(test)
+    with torch.no_grad():
+        pyramid = LaplacianPyramidLoss(3)(model(x), x).item()   # by hand, the whole test split
+        l1 = (model(x) - x).abs().mean().item()
+    logged = read_log(tmp_path)[-1]["test_loss"]
+    assert logged == pytest.approx(pyramid, rel=1e-5) and logged != pytest.approx(l1, rel=1e-2)
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_args, monkeypatch):
@@ -119,7 +194,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny
     hook_loss(monkeypatch, lambda call, loss: loss * float("nan") if call > 5 else loss)
     with pytest.raises(UserError, match="non-finite in epoch 2"):
         train.main(tiny_args(tmp_path, "--epochs", "3"))
-    ck = trainer.load_checkpoint(os.path.join(tmp_path, "checkpoint-last.pt"))
+    ck = checkpoints.load(os.path.join(tmp_path, "checkpoint-last.pt"))
     assert ck["epoch"] == 1
     assert all(torch.isfinite(v).all() for v in ck["state_dict"].values() if v.is_floating_point())
 
@@ -145,11 +220,11 @@ def test_a_checkpoint_crafted_to_run_code_is_refused(tmp_path):
     exploit = _Exploit()
     exploit.marker = marker
     bad = tmp_path / "evil.pt"
-    torch.save({"format": trainer.CHECKPOINT_FORMAT, "kind": "autoencoder", "x": exploit}, bad)
+    torch.save({"format": checkpoints.FORMAT, "kind": "autoencoder", "x": exploit}, bad)
     with pytest.raises(UserError, match="refused"):
-        trainer.load_checkpoint(str(bad))
+        checkpoints.load(str(bad))
     assert not marker.exists()
-    r = run_script("train.py", "--dir", tmp_path / "run", *TINY, "--resume", bad)
+    r = run_script("train.py", "--dir", tmp_path / "run", *TINY, "--resume", bad, separate_process=True)
     assert r.returncode == 2 and "refused" in r.stderr and "Traceback" not in r.stderr
     assert not marker.exists()
 
@@ -178,11 +253,11 @@ def _bad_input_cases(tmp):
 
 
 @pytest.mark.parametrize("case", list(_bad_input_cases("root").keys()))
-def test_bad_input_gives_one_line_and_nonzero_exit(tmp_path, case):
+def test_bad_input_gives_one_line_and_nonzero_exit(tmp_path, case, monkeypatch):
     argv, expected = _bad_input_cases(str(tmp_path))[case]
-    env = dict(os.environ, HTTPS_PROXY="http://127.0.0.1:9", HTTP_PROXY="http://127.0.0.1:9")
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *argv],
-                       capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")  # no network, whatever the machine has
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+    r = run_script("train.py", *argv)
     assert r.returncode == 2, r.stderr
     errors = [line for line in r.stderr.splitlines() if "error" in line]
     assert len(errors) == 1 and expected in errors[0], r.stderr
@@ -210,8 +285,8 @@ def test_kill_9_at_any_moment_leaves_loadable_checkpoints(tmp_path):
         proc.wait()
         for f in os.listdir(run_dir):
             if f.endswith(".pt") and not f.startswith("."):
-                trainer.load_checkpoint(str(run_dir / f))  # raises if half-written
-    assert trainer.load_checkpoint(str(last))["epoch"] >= 2
+                checkpoints.load(str(run_dir / f))  # raises if half-written
+    assert checkpoints.load(str(last))["epoch"] >= 2
 
 
 def test_tensorboard_logs_when_installed_and_says_so_when_not(tmp_path, tiny_args, capsys):

@@ -1,0 +1,169 @@
+"""The checkpoint schema: one dict of plain types and tensors, saved atomically, loaded safely,
+enough on its own to rebuild the model.
+
+Every checkpoint holds: format, kind ("autoencoder" or "curve"), model_config (the Autoencoder's
+arguments), curve_config (None, or curve, num_bends, fix_start, fix_end, init_linear and each
+endpoint's path and SHA-256), state_dict, optimizer (None for a point that is not a training
+state), scaler, epoch, batch and sums (a mid-epoch position), args (the run's flags), rng, and
+optionally source (where a derived checkpoint came from).
+"""
+import os
+import pickle
+import sys
+import zipfile
+
+import torch
+
+from models.autoencoder import ARCH_DEFAULTS, Autoencoder
+from models.curves import CurveNet
+from utils import UserError, atomic_write, file_digest
+
+FORMAT = "ae-mode-connectivity/1"
+ENDPOINT_FLAGS = {"init_start": "--init_start", "init_end": "--init_end"}
+
+
+def save(path, checkpoint):
+    """Write `checkpoint` atomically: a crash or kill at any moment leaves either the previous file
+    or the new one, never a half-written file."""
+    with atomic_write(path) as f:
+        torch.save({"format": FORMAT, **checkpoint}, f)
+
+
+def load(path, kind=None, flag="checkpoint", map_location="cpu"):
+    """Load a checkpoint of this tool safely (`weights_only=True`: unpickling can never run code).
+
+    Every problem is a UserError naming the file: missing, corrupt, unsafe, not ours, wrong kind.
+    """
+    if not path or not os.path.isfile(path):
+        raise UserError(f"{flag} {path!r} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise UserError(f"{flag} {path} was refused: it is not a plain checkpoint and loading it "
+                        f"could run code ({first[:160]})")
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
+        raise UserError(f"{flag} {path} is corrupt or not a PyTorch checkpoint "
+                        f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})")
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
+        raise UserError(f"{flag} {path} is not a checkpoint written by this tool")
+    if kind is not None and checkpoint.get("kind") != kind:
+        raise UserError(f"{flag} {path} holds {'an' if checkpoint.get('kind') == 'autoencoder' else 'a'} "
+                        f"{checkpoint.get('kind')}, expected a {kind}")
+    return checkpoint
+
+
+def build_model(checkpoint):
+    """Rebuild the saved Autoencoder or CurveNet from a checkpoint alone, weights loaded."""
+    model = Autoencoder(**checkpoint["model_config"])
+    if checkpoint["kind"] == "curve":
+        c = checkpoint["curve_config"]
+        model = CurveNet(model, c["curve"], c["num_bends"], c["fix_start"], c["fix_end"])
+    model.load_state_dict(checkpoint["state_dict"])
+    return model
+
+
+def load_endpoint(path, flag):
+    """An endpoint checkpoint -> (Autoencoder with its weights and buffers, checkpoint)."""
+    checkpoint = load(path, kind="autoencoder", flag=flag)
+    return build_model(checkpoint), checkpoint
+
+
+def load_endpoints(paths, flags=tuple(ENDPOINT_FLAGS.values())):
+    """Several endpoint checkpoints of one architecture -> [(model, checkpoint), ...]."""
+    loaded = [load_endpoint(p, f) for p, f in zip(paths, flags)]
+    for (_, ck), path in zip(loaded[1:], paths[1:]):
+        check_same_architecture([loaded[0][1]["model_config"], ck["model_config"]], (paths[0], path))
+    return loaded
+
+
+def autoencoder(model, args, epoch=0, source=None):
+    """The checkpoint of an ordinary autoencoder that is not a training state (a point of a curve,
+    an aligned endpoint): usable wherever an endpoint is, refused by --resume."""
+    return dict(kind="autoencoder", model_config=dict(model.config), curve_config=None,
+                state_dict=model.state_dict(), optimizer=None, scaler=None, epoch=epoch, batch=0,
+                sums=None, args=args, rng=None, source=source)
+
+
+# ----------------------------------------------------------------------------- settings
+
+def check_config(given, saved, what):
+    """Raise naming every setting in `given` (None = not given) that differs from `saved`."""
+    diffs = [f"{k}: {given[k]} given, {saved.get(k)} in {what}"
+             for k in given if given[k] is not None and given[k] != saved.get(k)]
+    if diffs:
+        raise UserError(f"settings differ from {what}: " + "; ".join(diffs))
+
+
+def resolve_settings(args, saved, defaults):
+    """Settings from flags, else from a saved configuration, else `defaults`; a flag that
+    contradicts the saved configuration is an error naming the difference."""
+    given = {k: getattr(args, k) for k in defaults}
+    if saved is not None:
+        check_config(given, saved, "the checkpoint")
+    return {k: given[k] if given[k] is not None else (saved or {}).get(k, defaults[k]) for k in defaults}
+
+
+def check_same_architecture(configs, names):
+    """Two models must share every architecture setting."""
+    (a, b), (na, nb) = configs, names
+    diffs = [f"{k} {a[k]} ({na}) vs {b[k]} ({nb})" for k in ARCH_DEFAULTS if a[k] != b[k]]
+    if diffs:
+        raise UserError("the endpoints have different architectures: " + "; ".join(diffs))
+
+
+# ----------------------------------------------------------------------------- curve endpoints
+
+def endpoint_record(paths):
+    """What a curve checkpoint records of its endpoint files: {init_start, init_start_sha256, ...}."""
+    record = {}
+    for key, path in zip(ENDPOINT_FLAGS, paths):
+        record[key] = os.path.abspath(path) if path else None
+        record[key + "_sha256"] = file_digest(path) if path else None
+    return record
+
+
+def endpoint_changes(curve_config, keys=tuple(ENDPOINT_FLAGS)):
+    """One sentence per recorded endpoint file (of `keys`) that is gone or no longer has its
+    recorded SHA-256."""
+    problems = []
+    for key in keys:
+        flag = ENDPOINT_FLAGS[key]
+        path, digest = curve_config.get(key), curve_config.get(key + "_sha256")
+        if not path or not digest:
+            continue
+        if not os.path.isfile(path):
+            problems.append(f"the {flag} endpoint {path} recorded in the curve is gone")
+        elif file_digest(path) != digest:
+            problems.append(f"the {flag} endpoint {path} has changed since the curve was trained "
+                            "(its SHA-256 differs)")
+    return problems
+
+
+def verify_endpoints(curve_config, strict, keys=tuple(ENDPOINT_FLAGS)):
+    """Check the curve's recorded endpoint files. `strict` (the caller compares against those
+    files): a change is an error. Otherwise (the curve holds its own copy of its ends) a change is
+    one warning line, and the run goes on with the curve's own ends."""
+    problems = endpoint_changes(curve_config, keys)
+    if not problems:
+        return
+    if strict:
+        raise UserError("; ".join(problems) + "; pass the endpoints the curve was trained from "
+                        "with --init_start / --init_end, or train a new curve")
+    print("warning: " + "; ".join(problems) + "; this run uses the curve's own copy of its ends "
+          "(train a new curve to connect the new endpoint)", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------- RNG state
+
+def rng_state():
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

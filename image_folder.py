@@ -1,0 +1,132 @@
+"""Any folder of images as one uint8 tensor (N, 3, 64, 64), decoded once and cached inside the folder.
+
+The cache (`<folder>/.cache-64px-all.pt`, or `-first<N>.pt` with --max_images N) records the file
+list's signature, the preprocessing and the cache version; when any differs from the folder now, it
+is rebuilt in place, so a folder holds at most one cache per --max_images setting.
+"""
+import hashlib
+import os
+import re
+import sys
+
+import torch
+import torchvision.transforms.functional as TF
+from torchvision.datasets.folder import IMG_EXTENSIONS
+from tqdm import tqdm
+
+from utils import UserError, atomic_write, remove_stale_temporaries
+
+IMAGE_SIZE = 64
+CACHE_VERSION = 2
+PREPROCESS = f"PIL RGB; resize shorter side to {IMAGE_SIZE} (bilinear, antialiased); center crop {IMAGE_SIZE}"
+_LEGACY_CACHE = re.compile(rf"^\.cache-{IMAGE_SIZE}px-\d+\.pt$")  # version 1 named caches by image count
+
+
+def list_images(root):
+    """Image files under `root` (torchvision's image extensions, recursively, hidden entries
+    skipped), sorted, as paths relative to `root`."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in filenames:
+            if not name.startswith(".") and name.lower().endswith(IMG_EXTENSIONS):
+                found.append(os.path.relpath(os.path.join(dirpath, name), root))
+    return sorted(found)
+
+
+def has_images(path):
+    """Whether `path` is a folder with at least one image file somewhere below it."""
+    return os.path.isdir(path) and any(name.lower().endswith(IMG_EXTENSIONS)
+                                       for _, _, names in os.walk(path) for name in names)
+
+
+def decode_image(path, size=IMAGE_SIZE):
+    """One image file -> uint8 (3, size, size): RGB, shorter side resized to `size`, centre crop."""
+    from PIL import Image
+    with Image.open(path) as im:
+        im = im.convert("RGB")  # greyscale, palette and RGBA (alpha dropped) all become RGB
+        return TF.pil_to_tensor(TF.center_crop(TF.resize(im, size), size))
+
+
+class _DecodeFiles(torch.utils.data.Dataset):
+    def __init__(self, root, files):
+        self.root, self.files = root, files
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        try:
+            return decode_image(os.path.join(self.root, self.files[i])), True
+        except Exception:  # unreadable or truncated file: skipped and counted by the caller
+            return torch.zeros(3, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.uint8), False
+
+
+def _source_signature(root, files):
+    """Fingerprint of the files a cache was built from: names, sizes and modification times."""
+    h = hashlib.sha256()
+    for rel in files:
+        st = os.stat(os.path.join(root, rel))
+        h.update(f"{rel}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def cache_path(root, max_images=None):
+    return os.path.join(root, f".cache-{IMAGE_SIZE}px-{'all' if max_images is None else f'first{max_images}'}.pt")
+
+
+def load_folder(root, max_images=None, num_workers=0, verbose=True):
+    """All images under `root` (the first `max_images` files) as uint8 (N, 3, 64, 64), via the cache."""
+    if not os.path.isdir(root):
+        raise UserError(f"image folder {root} does not exist; check --data_path")
+    files = list_images(root)
+    if not files:
+        raise UserError(f"no images ({', '.join(IMG_EXTENSIONS)}) found under {root}; check --data_path")
+    if max_images is not None:
+        files = files[:max_images]
+    meta = dict(version=CACHE_VERSION, preprocess=PREPROCESS, count=len(files),
+                signature=_source_signature(root, files))
+    cache = cache_path(root, max_images)
+    if os.path.exists(cache):
+        try:
+            saved = torch.load(cache, map_location="cpu", weights_only=True, mmap=True)
+            if saved.get("meta") == meta:
+                return saved["images"]
+            changed = [k for k in meta if saved.get("meta", {}).get(k) != meta[k]]
+            reason = f"{', '.join(changed)} changed"
+        except Exception:
+            reason = "unreadable"
+        print(f"image cache {cache} is stale ({reason}); rebuilding", file=sys.stderr)
+
+    images = torch.empty(len(files), 3, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.uint8)
+    ok = torch.empty(len(files), dtype=torch.bool)
+    loader = torch.utils.data.DataLoader(_DecodeFiles(root, files), batch_size=256, num_workers=num_workers)
+    pos = 0
+    for batch, good in tqdm(loader, desc=f"decoding {len(files)} images", unit="batch", disable=not verbose):
+        images[pos:pos + len(batch)], ok[pos:pos + len(batch)] = batch, good
+        pos += len(batch)
+    if not ok.all():
+        bad = [f for f, g in zip(files, ok.tolist()) if not g]
+        print(f"warning: skipped {len(bad)} unreadable image file(s) under {root} "
+              f"(first: {bad[0]})", file=sys.stderr)
+        images = images[ok]
+    if len(images) == 0:
+        raise UserError(f"none of the {len(files)} image files under {root} could be read")
+    _write_cache(root, cache, meta, images)
+    return images
+
+
+def _write_cache(root, cache, meta, images):
+    """Write the cache atomically, and remove what it supersedes: caches of the earlier naming
+    and temporaries of killed writes. A read-only folder just goes without a cache."""
+    try:
+        with atomic_write(cache) as f:
+            torch.save({"meta": meta, "images": images}, f)
+    except OSError as e:
+        print(f"warning: cannot write image cache {cache} ({e.strerror}); "
+              "images will be decoded again next run", file=sys.stderr)
+        return
+    remove_stale_temporaries(root, prefix=".cache-")
+    for name in os.listdir(root):
+        if _LEGACY_CACHE.match(name):
+            os.remove(os.path.join(root, name))
