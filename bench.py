@@ -20,6 +20,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 import dataset
 import image_folder
@@ -120,7 +121,8 @@ def epoch_runner(model, loader, curve_wd=0.0, amp="none", compile=False, channel
     if channels_last:
         model.to(memory_format=torch.channels_last)
     runner = torch.compile(model) if compile else model
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    adam = SimpleNamespace(optim_name="Adam", lr=1e-4, beta_1=0.5, beta_2=0.999)  # train.py's defaults
+    opt = trainer.make_optimizer(adam, [p for p in model.parameters() if p.requires_grad], 0.0, loader.device)
     loss = torch.nn.L1Loss()
     scaler = speed.make_scaler(loader.device, amp)
     return lambda: trainer.train_one_epoch(runner, loader, opt, loss, noise_std=0.05, curve_wd=curve_wd,
@@ -209,16 +211,28 @@ def bench_eval_point(cfg, device):
             "lpips_point_over_point": t["point_lpips"] / t["point"]}
 
 
+def training_flops_per_image():
+    """FLOPs of one training step (forward, L1 loss, backward) per image at the default
+    architecture, counted by torch.utils.flop_counter on the CPU."""
+    model, x = Autoencoder(), torch.rand(2, 3, 64, 64)
+    with FlopCounterMode(display=False) as counter:
+        (model(x) - x).abs().mean().backward()
+    return counter.get_total_flops() / len(x)
+
+
 def bench_gpu_targets(cfg, device):
-    """Default architecture at batch 256 with bf16 + channels_last + data on the GPU, and a
+    """Default architecture at batch 64 and 256 with bf16 + channels_last + data on the GPU (images/s
+    and the TFLOP/s they amount to: divide by the chip's dense bf16 peak for its fraction), and a
     61-point walk (BN pass + train + test evaluation at every t) over 202,599 synthetic images."""
-    out = {}
+    flops = training_flops_per_image()
+    out = {"training_GFLOP_per_image": flops / 1e9}
     for batch in (64, 256):
         torch.manual_seed(0)
         loader = step_images(device, batch, channels_last=True, steps=10)
         run = epoch_runner(Autoencoder().to(device), loader, amp="bf16", channels_last=True)
         seconds = interleaved({"run": run}, device, cfg["repeats"])["run"]
         out[f"batch{batch}_bf16_channels_last_images_per_s"] = batch * 10 / seconds
+        out[f"batch{batch}_bf16_channels_last_TFLOP_per_s"] = batch * 10 / seconds * flops / 1e12
     train, test = dataset.split_images(synthetic_faces(202_599), 0.2)
     loaders = (TensorLoader(train, 1024, device, channels_last=True),
                TensorLoader(test, 1024, device, channels_last=True))
@@ -237,6 +251,7 @@ def bench_gpu_targets(cfg, device):
 
 def main(args):
     device = resolve_device(args.device)
+    speed.configure(device, args)
     if args.gpu_targets and device.type != "cuda":
         raise UserError("--gpu_targets measures the CUDA targets; run it with --device cuda")
     q = args.quick

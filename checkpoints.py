@@ -156,14 +156,27 @@ def verify_endpoints(curve_config, strict, keys=tuple(ENDPOINT_FLAGS)):
 
 # ----------------------------------------------------------------------------- RNG state
 
-def rng_state():
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+def rng_state(device):
+    """The random state a run depends on: the CPU generator and that of the run's device only
+    (never every GPU's: a --device cpu run on a GPU machine does not touch CUDA)."""
+    state = {"torch": torch.get_rng_state(), "device": str(device)}
+    if device.type == "cuda":
+        state["device_state"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state):
+def set_rng_state(state, device):
+    """Restore `rng_state`'s result for a run on `device`. A run resumed on another kind of device
+    (GPU to CPU or back) cannot continue the saved device stream: it says so and goes on with the
+    CPU state restored; a checkpoint from cuda:3 resumes on whichever GPU this run uses."""
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    saved, device_state = state.get("device"), state.get("device_state")
+    if saved is None:  # checkpoints of the first version saved every visible GPU's state
+        every = state.get("cuda") or []
+        saved = "cuda" if every else "cpu"
+        device_state = every[min(device.index or 0, len(every) - 1)] if every else None
+    if torch.device(saved).type != device.type:
+        print(f"note: the checkpoint was saved on {saved} and this run is on {device}: the random "
+              "stream of noise and dropout differs from an uninterrupted run from here on", file=sys.stderr)
+    elif device.type == "cuda" and device_state is not None:
+        torch.cuda.set_rng_state(device_state, device)

@@ -81,6 +81,7 @@ def main(args):
         raise UserError(f"--num_points must be at least 2 (both ends), got {args.num_points}")
     device = resolve_device(args.device)
     speed.check_amp(args.amp, device)
+    speed.configure(device, args)
     torch.manual_seed(args.seed)
     lpips = None
     if args.lpips:  # fail at start, before any work, when no real backbone can be had

@@ -10,10 +10,13 @@ def to_float(batch):
 
 
 def fits_on_device(images, device, share=0.5):
-    """Whether `images` take less than `share` of the free memory of a CUDA device."""
+    """Whether `images` take less than `share` of the free memory of a CUDA device. Memory that
+    PyTorch holds in its cache but has not allocated counts as free, so repeated runs in one
+    process (bench.py, notebooks) decide the same way."""
     if device.type != "cuda":
         return device.type == "cpu"
     free, _ = torch.cuda.mem_get_info(device)
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     return images.numel() * images.element_size() < share * free
 
 
@@ -25,9 +28,12 @@ class TensorLoader:
     k batches of the epoch (mid-epoch resume).
 
     `resident`: keep the whole uint8 tensor on `device` and slice it there (default: on CUDA when it
-    fits in half the free memory). Otherwise, on CUDA, the tensor is pinned and each batch is
-    gathered into one of two pinned buffers and copied without blocking. The permutation is drawn
-    on the CPU either way, so both give the same batches. `channels_last` sets the batch layout.
+    fits in half the free memory); the epoch's permutation is moved there once, so no step waits
+    for the host. Otherwise, on CUDA, the tensor stays in ordinary host memory and each batch is
+    gathered into a pinned staging tensor and copied without blocking; PyTorch's pinned-memory
+    cache reuses a staging block only once the copy from it has finished (it records an event on
+    the stream of the copy), so batches never overwrite each other. The permutation is drawn on
+    the CPU either way, so both give the same batches. `channels_last` sets the batch layout.
     """
 
     def __init__(self, images, batch_size, device="cpu", shuffle=False, seed=0, resident=None,
@@ -39,13 +45,7 @@ class TensorLoader:
         self.epoch = 0
         self.channels_last = channels_last
         self.resident = fits_on_device(images, self.device) if resident is None else resident
-        if self.resident:
-            self.images = images.to(self.device)
-        elif self.device.type == "cuda":
-            self.images = images.pin_memory()
-        else:
-            self.images = images
-        self._buffers = None  # pinned staging buffers and their copy-done events (CUDA, host data)
+        self.images = images.to(self.device) if self.resident else images.cpu()
 
     def __len__(self):
         return math.ceil(len(self.images) / self.batch_size)
@@ -62,35 +62,31 @@ class TensorLoader:
         return TensorLoader(self.images, self.batch_size, self.device, resident=self.resident,
                             channels_last=self.channels_last)
 
-    def _staged(self, i, idx):
-        """Gather host rows `idx` into pinned buffer i % 2 and start its copy to the device."""
-        if self._buffers is None:
-            shape = (self.batch_size, *self.images.shape[1:])
-            self._buffers = [(torch.empty(shape, dtype=self.images.dtype).pin_memory(), torch.cuda.Event())
-                             for _ in range(2)]
-        buf, done = self._buffers[i % 2]
-        done.synchronize()  # the copy that last used this buffer has finished
-        torch.index_select(self.images, 0, idx, out=buf[:len(idx)])
-        batch = buf[:len(idx)].to(self.device, non_blocking=True)
-        done.record()
-        return batch
+    def _fetch(self, rows):
+        """uint8 rows (a slice or an index tensor) of the images, on the device."""
+        if self.images.device == self.device or self.resident:
+            return self.images[rows]
+        if self.device.type != "cuda":
+            return self.images[rows].to(self.device)
+        if isinstance(rows, slice):
+            source = self.images[rows]
+            staging = torch.empty(source.shape, dtype=source.dtype, pin_memory=True)
+            staging.copy_(source)
+        else:
+            staging = torch.empty((len(rows), *self.images.shape[1:]), dtype=self.images.dtype, pin_memory=True)
+            torch.index_select(self.images, 0, rows, out=staging)
+        return staging.to(self.device, non_blocking=True)
 
     def batches(self, start=0):
         order = None
         if self.shuffle:
             gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
             order = torch.randperm(len(self.images), generator=gen)
+            if self.resident:
+                order = order.to(self.device)
         for i in range(start, len(self)):
             lo, hi = i * self.batch_size, (i + 1) * self.batch_size
-            if order is None:  # a contiguous slice: already pinned or resident
-                batch = self.images[lo:hi].to(self.device, non_blocking=True)
-            elif self.resident:
-                batch = self.images[order[lo:hi].to(self.device)]
-            elif self.device.type == "cuda":
-                batch = self._staged(i, order[lo:hi])
-            else:
-                batch = self.images[order[lo:hi]].to(self.device)
-            batch = to_float(batch)
+            batch = to_float(self._fetch(slice(lo, hi) if order is None else order[lo:hi]))
             yield batch.contiguous(memory_format=torch.channels_last) if self.channels_last else batch
 
     def __iter__(self):

@@ -16,13 +16,47 @@ def add_speed_args(parser):
                    help="NHWC memory layout for weights and images (faster convolutions)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (slow first steps)")
     g.add_argument("--no_gpu_data", action="store_true",
-                   help="on CUDA, keep the dataset in pinned host memory even when it fits on the GPU")
+                   help="on CUDA, keep the dataset in host memory (copied through pinned staging "
+                        "buffers) even when it fits on the GPU")
+    g.add_argument("--no_tf32", action="store_true",
+                   help="on Ampere and later GPUs, compute float32 convolutions in full float32 "
+                        "instead of PyTorch's default TF32 (slower; reproducible to more digits)")
     return g
+
+
+def native_bf16(device):
+    """Whether the CUDA device computes in bf16 natively (compute capability 8.0, Ampere, and later)."""
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def default_amp(device):
+    """The mixed precision to use when the user does not say: bf16 where it is native, fp16 on
+    older GPUs (T4, V100, the free Colab GPU), none on the CPU."""
+    if device.type != "cuda":
+        return "none"
+    return "bf16" if native_bf16(device) else "fp16"
 
 
 def check_amp(amp, device):
     if amp == "fp16" and device.type != "cuda":
         raise UserError(f"--amp fp16 needs a CUDA device (it uses a gradient scaler); use --amp bf16 on {device.type}")
+    if amp == "bf16" and device.type == "cuda" and not native_bf16(device):
+        major, minor = torch.cuda.get_device_capability(device)
+        raise UserError(f"--amp bf16: {torch.cuda.get_device_name(device)} ({device}, compute capability "
+                        f"{major}.{minor}) has no native bf16 and would run slower than fp32; "
+                        "use --amp fp16 there")
+
+
+def configure(device, speed):
+    """Backend switches for a run on `device`: cuDNN benchmarks its convolution algorithms for the
+    run's fixed shapes and keeps the fastest; --no_tf32 turns off TF32 for float32 convolutions
+    and matrix products (PyTorch uses TF32 for convolutions by default on Ampere and later)."""
+    if device.type != "cuda":
+        return
+    torch.backends.cudnn.benchmark = True
+    if getattr(speed, "no_tf32", False):
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
 
 
 def autocast(device, amp="none"):

@@ -153,6 +153,7 @@ def open_tensorboard(args):
 def main(args):
     device = resolve_device(args.device)
     speed.check_amp(args.amp, device)
+    speed.configure(device, args)
     resume = checkpoints.load(args.resume, flag="--resume") if args.resume else None
     if resume and resume.get("optimizer") is None:
         raise UserError(f"--resume {args.resume} is a point extracted from a curve, not a training "
@@ -178,7 +179,7 @@ def main(args):
     scaler = speed.make_scaler(device, args.amp)
     # a curve's weight decay is the explicit 0.5 * wd * ||theta(t)||^2 term, not the optimizer's
     optimizer = trainer.make_optimizer(args, [p for p in model.parameters() if p.requires_grad],
-                               0.0 if is_curve else args.wd)
+                                       0.0 if is_curve else args.wd, device)
     curve_wd = args.wd if is_curve else 0.0
     run.save_args(args)
     if args.verbose:
@@ -188,13 +189,13 @@ def main(args):
     epoch, position = 0, None
     if resume:
         model.load_state_dict(resume["state_dict"])
-        optimizer.load_state_dict(resume["optimizer"])
+        trainer.load_optimizer_state(optimizer, resume["optimizer"])
         if scaler is not None and resume.get("scaler"):
             scaler.load_state_dict(resume["scaler"])
         epoch = resume["epoch"]
         if resume.get("batch", 0) > 0:
             position = resume["sums"]
-        checkpoints.set_rng_state(resume["rng"])
+        checkpoints.set_rng_state(resume["rng"], device)
         print(f"resuming {args.resume} at epoch {epoch + 1}"
               + (f", batch {position['batches']}" if position else ""))
     if epoch >= args.epochs:
@@ -214,7 +215,7 @@ def main(args):
                     state_dict=model.state_dict(), optimizer=optimizer.state_dict(),
                     scaler=scaler.state_dict() if scaler is not None else None,
                     epoch=epoch, batch=sums["batches"] if sums else 0, sums=sums,
-                    args=vars(args), rng=checkpoints.rng_state())
+                    args=vars(args), rng=checkpoints.rng_state(device))
 
     with StopRequest().installed() as stop:
         while epoch < args.epochs:

@@ -163,19 +163,10 @@ class CurveNet(nn.Module):
         return functional_call(self.base, theta, (x,))
 
     @torch.no_grad()
-    def point_at(self, t, out=None):
+    def point_at(self, t):
         """An ordinary copy of the base module holding theta(t) and a copy of the base's buffers.
-
-        With `out` (an earlier result of point_at) its parameters and buffers are overwritten in
-        place instead, so a walk along the curve reuses one module (and one compiled graph).
-        """
+        (To evaluate many points, paths.PointEvaluator loads each theta into one module instead.)"""
         theta = self.weights(t)
-        if out is not None:
-            for n, value in theta.items():
-                out.get_parameter(n).copy_(value)
-            for n, buf in self.base.named_buffers():
-                out.get_buffer(n).copy_(buf)
-            return out
         model = copy.deepcopy(self.base)
         for n, value in theta.items():
             module, attr = _split(n)

@@ -2,6 +2,7 @@ import os
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -61,6 +62,25 @@ def run_script(script, *argv, separate_process=False, timeout=300):
 # A small synthetic set shared by the curve tests: 320 train / 80 test images, batches of 32.
 DATA = ["--dataset", "synthetic", "--max_images", "400", "--batch_size", "32", "--device", "cpu",
         "--num_workers", "0"]
+
+
+class HookedLoss(torch.nn.Module):
+    """The real loss with a hook called on every batch: hook(call_number, loss) -> loss."""
+
+    def __init__(self, inner, hook):
+        super().__init__()
+        self.inner, self.hook, self.calls = inner, hook, 0
+
+    def forward(self, out, x):
+        self.calls += 1
+        return self.hook(self.calls, self.inner(out, x))
+
+
+def hook_loss(monkeypatch, hook):
+    """Make train.py's loss call `hook` on every batch (to raise Ctrl-C or produce NaN at batch k)."""
+    import train
+    real_build = train.build_loss
+    monkeypatch.setattr(train, "build_loss", lambda *a, **k: HookedLoss(real_build(*a, **k), hook))
 
 
 def train_main(*argv):

@@ -13,29 +13,12 @@ import checkpoints
 import dataset
 import train
 import trainer
-from conftest import read_log, ROOT, TINY, run_script
+from conftest import ROOT, TINY, hook_loss, read_log, run_script
 from loader import TensorLoader, to_float
 from losses import LaplacianPyramidLoss
 from models.autoencoder import Autoencoder
 from synthetic import synthetic_faces
 from utils import Interrupted, UserError
-
-
-class HookedLoss(torch.nn.Module):
-    """The real loss with a hook called on every batch: hook(call_number, loss) -> loss."""
-
-    def __init__(self, inner, hook):
-        super().__init__()
-        self.inner, self.hook, self.calls = inner, hook, 0
-
-    def forward(self, out, x):
-        self.calls += 1
-        return self.hook(self.calls, self.inner(out, x))
-
-
-def hook_loss(monkeypatch, hook):
-    real_build = train.build_loss
-    monkeypatch.setattr(train, "build_loss", lambda *a, **k: HookedLoss(real_build(*a, **k), hook))
 
 
 def _states_equal(a, b):
