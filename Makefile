@@ -7,7 +7,7 @@ DEMO := runs/demo
 # a small configuration so the demo runs in minutes on 2 CPU cores
 SMALL := --dataset synthetic --max_images 4000 --in_filters 16 --latent_dim 64 --lr 1e-3
 
-.PHONY: demo test clean
+.PHONY: demo plane test clean
 
 $(VENV)/.installed: requirements.txt requirements-test.txt
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,11 @@ demo: $(VENV)/.installed
 	@echo "  check_ends grids:  $(DEMO)/curve/check_ends-t0.png, check_ends-t1.png"
 	@echo "  loss along the curve and the segment: $(DEMO)/eval/curve_checkpoint-8-curve-11pts_loss.png"
 	@echo "  GIFs of reconstructions along them:   $(DEMO)/eval/curve_checkpoint-8-curve-11pts_{curve,segment}.gif"
+
+# the loss surface on the plane of the demo's curve (after make demo; 2 CPU cores: about 1.5 hours;
+# interrupt it at will: the same command continues where it stopped)
+plane: $(VENV)/.installed
+	$(PY) plane.py --ckpt $(DEMO)/curve/checkpoint-8.pt --grid_points 21 --dir $(DEMO)/plane
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q

@@ -10,9 +10,11 @@ turn (a, b, c, a, b, c, ...) so that their ratios compare like with like on a sh
 machine. Training steps go through trainer.train_one_epoch and evaluation through
 paths.PointEvaluator and paths.walk: the code users run. Prints a table and writes JSON.
 """
+import itertools
 import os
 import platform
 import resource
+import shutil
 import statistics
 import tempfile
 import time
@@ -25,12 +27,14 @@ from torch.utils.flop_counter import FlopCounterMode
 import dataset
 import image_folder
 import speed
+import sweep
 import trainer
 from loader import TensorLoader
 from losses import LPIPS
 from models.autoencoder import Autoencoder
 from models.curves import Bezier, CurveNet
 from paths import PointEvaluator, update_bn, walk
+from plane_geometry import Plane, names_and_shapes, vector
 from synthetic import synthetic_faces
 from utils import ArgParser, UserError, default_device, positive, resolve_device, run_cli, write_json
 
@@ -45,6 +49,8 @@ def get_args_parser():
     p.add_argument("--compile", action="store_true", help="also time torch.compile (slow to start)")
     p.add_argument("--gpu_targets", action="store_true",
                    help="CUDA: batch-256 training and a 61-point walk over 202,599 images")
+    p.add_argument("--sections", default=None, metavar="A,B",
+                   help=f"run only these sections ({', '.join(SECTIONS)}; default: all)")
     p.add_argument("--json", default="bench.json", help="where to write the results (bench.json)")
     return p
 
@@ -179,8 +185,10 @@ def bench_curve_step(cfg, device):
 # ----------------------------------------------------------------------------- evaluation
 
 def bench_eval_point(cfg, device):
-    """One point of eval_curve.walk (BN re-estimation + train and test evaluation) against the
-    same three passes of bare forward calls; and the same point with LPIPS on the test split."""
+    """One point of a walk (BN re-estimation + train and test evaluation, as eval_curve.py) and one
+    grid point of a plane (as plane.py: the point's weights from its plane coordinates, evaluated,
+    its results written to the sweep's file) against the same three passes of bare forward calls;
+    and the walk's point with LPIPS on the test split."""
     torch.manual_seed(0)
     train, test = dataset.split_images(synthetic_faces(cfg["eval_images"]), 0.2)
     train_loader = TensorLoader(train, cfg["batch_size"], device)
@@ -204,10 +212,22 @@ def bench_eval_point(cfg, device):
 
     def point(evaluator):
         return lambda: walk(curve, [0.5], evaluator, "bench", verbose=False)
-    t = interleaved({"bare": bare, "point": point(plain), "point_lpips": point(with_lpips)},
-                    device, cfg["repeats"])
+
+    corners = [Autoencoder(in_filters=cfg["eval_filters"]) for _ in range(3)]
+    plane = Plane(*(vector(m) for m in corners))
+    layout, plane_evaluator = names_and_shapes(model), PointEvaluator(model, train_loader, test_loader, l1)
+    files = tempfile.mkdtemp()
+    counter = itertools.count()
+
+    def plane_point():  # a fresh sweep file each time, so the point is never "already done"
+        sweep.run(os.path.join(files, f"{next(counter)}.npz"), {}, [(0.3 * plane.dx, 0.6 * plane.dy)],
+                  lambda xy: plane_evaluator(plane.weights(*xy, layout, device)), verbose=False)
+    t = interleaved({"bare": bare, "point": point(plain), "point_lpips": point(with_lpips),
+                     "plane_point": plane_point}, device, cfg["repeats"])
+    shutil.rmtree(files)
     return {"bare_passes_s": t["bare"], "point_s": t["point"], "point_lpips_s": t["point_lpips"],
-            "point_over_bare": t["point"] / t["bare"],
+            "plane_point_s": t["plane_point"], "point_over_bare": t["point"] / t["bare"],
+            "plane_point_over_bare": t["plane_point"] / t["bare"],
             "lpips_point_over_point": t["point_lpips"] / t["point"]}
 
 
@@ -249,10 +269,20 @@ def bench_gpu_targets(cfg, device):
     return out
 
 
+SECTIONS = {"data": bench_data, "training": bench_training, "curve_step": bench_curve_step,
+            "eval_point": bench_eval_point, "gpu_targets": bench_gpu_targets}
+
+
 def main(args):
     device = resolve_device(args.device)
     speed.configure(device, args)
-    if args.gpu_targets and device.type != "cuda":
+    chosen = args.sections.split(",") if args.sections else [s for s in SECTIONS if s != "gpu_targets"]
+    unknown = [s for s in chosen if s not in SECTIONS]
+    if unknown:
+        raise UserError(f"--sections: unknown {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
+    if args.gpu_targets and "gpu_targets" not in chosen:
+        chosen.append("gpu_targets")
+    if "gpu_targets" in chosen and device.type != "cuda":
         raise UserError("--gpu_targets measures the CUDA targets; run it with --device cuda")
     q = args.quick
     cfg = dict(in_filters=args.in_filters or (4 if q else 64), batch_size=args.batch_size or (8 if q else 64),
@@ -265,11 +295,7 @@ def main(args):
                threads=torch.get_num_threads(), **cfg)
     print("  ".join(f"{k}={v}" for k, v in env.items()))
     results = {}
-    sections = [("data", bench_data), ("training", bench_training), ("curve_step", bench_curve_step),
-                ("eval_point", bench_eval_point)]
-    if args.gpu_targets:
-        sections.append(("gpu_targets", bench_gpu_targets))
-    for name, fn in sections:
+    for name, fn in ((name, SECTIONS[name]) for name in chosen):
         results[name] = fn(cfg, device)
         print(f"[{name}]")
         for k, v in results[name].items():

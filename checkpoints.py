@@ -48,9 +48,12 @@ def load(path, kind=None, flag="checkpoint", map_location="cpu"):
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
         raise UserError(f"{flag} {path} is not a checkpoint written by this tool")
     if kind is not None and checkpoint.get("kind") != kind:
-        raise UserError(f"{flag} {path} holds {'an' if checkpoint.get('kind') == 'autoencoder' else 'a'} "
-                        f"{checkpoint.get('kind')}, expected a {kind}")
+        raise UserError(f"{flag} {path} holds {_a(checkpoint.get('kind'))}, expected {_a(kind)}")
     return checkpoint
+
+
+def _a(noun):
+    return f"{'an' if str(noun)[:1] in 'aeiou' else 'a'} {noun}"
 
 
 def build_model(checkpoint):

@@ -81,3 +81,48 @@ def save_strip(originals, recons, ts, label, path):
     for i, text in enumerate(["input"] + [f"t = {t:.2f}" for t in ts]):
         draw.text((6, HEADER + i * row_h + row_h / 2 - 5), text, fill="black")
     strip.save(path)
+
+
+def plane_levels(values, count=12):
+    """Contour levels for a loss surface: log-spaced above the minimum (as Garipov et al.'s plane
+    figures), so the low valley gets most of the levels; NaN values are ignored."""
+    finite = values[np.isfinite(values)]
+    low, high = float(finite.min()), float(finite.max())
+    if high <= low:
+        high = low + 1e-12
+    return low + (high - low) * (np.geomspace(1, 101, count) - 1) / 100
+
+
+def plot_plane(geometry, values, what, path, has_curve, labels):
+    """Filled contours of `values` (G x G, [i, j] at x = xs[i], y = ys[j]) over the plane, with the
+    bends marked, the curve drawn, the segment between the ends dashed and diverged (NaN) points
+    crossed out."""
+    xs, ys = geometry["xs"], geometry["ys"]
+    X, Y = np.meshgrid(xs, ys, indexing="ij")
+    Z = np.ma.masked_invalid(values)
+    fig = Figure(figsize=(7, 5), dpi=120)
+    ax = fig.subplots()
+    levels = plane_levels(values)
+    filled = ax.contourf(X, Y, Z, levels=levels, cmap="viridis", extend="neither")
+    ax.contour(X, Y, Z, levels=levels, colors="white", linewidths=0.4, alpha=0.6)
+    fig.colorbar(filled, ax=ax, format="%.3g", label=what)
+    bad = ~np.isfinite(values)
+    if bad.any():
+        ax.scatter(X[bad], Y[bad], marker="x", color="red", s=25, label="diverged (NaN)", zorder=5)
+    bends = geometry["bend_coordinates"]
+    ends = bends[[0, -1]]
+    ax.plot(ends[:, 0], ends[:, 1], "--", color="white", linewidth=1.5, label="straight segment", zorder=3)
+    if has_curve:
+        curve = geometry["curve_coordinates"]
+        ax.plot(curve[:, 0], curve[:, 1], "-", color="black", linewidth=2, label="curve", zorder=4)
+        ax.scatter(bends[1:-1, 0], bends[1:-1, 1], marker="D", color="black", s=40, label="interior bends", zorder=6)
+    else:
+        ax.scatter(bends[1, 0], bends[1, 1], marker="o", color="black", s=50, zorder=6)
+        ax.annotate(labels[1], bends[1], textcoords="offset points", xytext=(6, 6), fontsize=8, color="white")
+    ax.scatter(ends[:, 0], ends[:, 1], marker="o", color="black", s=50, label="ends", zorder=6)
+    ax.set_xlabel("x: along the segment (weight-space distance)")
+    ax.set_ylabel("y: towards the middle point")
+    ax.set_title(what, fontsize=9)
+    ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path)

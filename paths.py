@@ -77,6 +77,7 @@ def update_bn(batches, model, num_batches=None):
     sums = {bn: (torch.zeros_like(bn.running_mean), torch.zeros_like(bn.running_var)) for bn in bns}
     model.eval()
     for bn in bns:
+        bn.reset_running_stats()  # momentum 1 still multiplies the old value by 0: NaN would stay NaN
         bn.momentum = 1.0
         bn.train()
     seen = 0

@@ -26,6 +26,7 @@ def test_harness_runs_and_derives_its_ratios_from_its_measurements(tmp_path):
     assert step["curve_over_endpoint"] == pytest.approx(step["curve_step_s"] / step["endpoint_step_s"])
     point = results["eval_point"]
     assert point["point_over_bare"] == point["point_s"] / point["bare_passes_s"]
+    assert point["plane_point_over_bare"] == point["plane_point_s"] / point["bare_passes_s"]
     assert point["lpips_point_over_point"] == point["point_lpips_s"] / point["point_s"]
 
 

@@ -201,6 +201,11 @@ def test_update_bn_gives_the_dataset_mean_and_batch_averaged_unbiased_variance()
     model.train()
     update_bn(batches, model)
     assert model.training and bn.training
+    # statistics left non-finite by a diverged point do not leak into the next estimate
+    bn.running_mean.fill_(float("nan"))
+    bn.running_var.fill_(float("inf"))
+    update_bn(batches, model)
+    assert torch.allclose(bn.running_mean, mean, atol=1e-6) and torch.allclose(bn.running_var, var, atol=1e-5)
 
 
 def test_connect_without_init_linear_keeps_the_template_inside_and_a_missing_end():

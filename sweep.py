@@ -1,0 +1,75 @@
+"""Long evaluations of many points (the grid points of a plane, ...) that never lose work.
+
+Every result is written to the sweep's NPZ file, atomically, as soon as it is computed, together
+with a mask of the points done and the configuration that produced them. Rerunning the same command
+continues with the points not yet done and ends with the same arrays as an uninterrupted run; a
+Ctrl-C or a kill leaves the file valid; a file made with other settings is never mixed in.
+"""
+import json
+import os
+
+import numpy as np
+from tqdm import tqdm
+
+from utils import Interrupted, UserError, atomic_write
+
+CONFIG = "sweep_config"
+DONE = "done"
+
+
+def load(path, config, shape):
+    """The arrays of an earlier run of this sweep at `path` ({} if there is none): an error when
+    that run had other settings."""
+    if not os.path.exists(path):
+        return {}
+    try:
+        with np.load(path) as saved:
+            arrays = {k: saved[k] for k in saved.files}
+        saved_config = json.loads(str(arrays[CONFIG]))
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"{path} exists but is not a readable result of this tool ({type(e).__name__}); "
+                        "move it away or choose another --dir")
+    if saved_config != config or arrays[DONE].shape != shape:
+        diffs = sorted(k for k in set(config) | set(saved_config) if config.get(k) != saved_config.get(k))
+        details = "; ".join(f"{k}: {saved_config.get(k)} there, {config.get(k)} now" for k in diffs[:4])
+        raise UserError(f"{path} holds results computed with other settings ({details or 'grid shape'}); "
+                        "rerun with the same settings to continue it, or choose another --dir")
+    return arrays
+
+
+def save(path, config, done, metrics, extra):
+    with atomic_write(path) as f:
+        np.savez(f, **{CONFIG: np.asarray(json.dumps(config, sort_keys=True)), DONE: done},
+                 **metrics, **extra)
+
+
+def run(path, config, points, evaluate, shape=None, extra=None, desc="points", verbose=True):
+    """Evaluate `evaluate(point) -> {metric: float}` at every point of `points`, resuming from `path`.
+
+    `config`: a JSON-able dict of every setting that changes the results (checked on resume);
+    `shape`: how the points are laid out (default: a flat list), the shape of every metric array;
+    `extra`: fixed arrays written alongside (coordinates, ...). Non-finite values are kept as NaN.
+    Returns ({metric: array of `shape`}, done mask of `shape`).
+    """
+    shape = tuple(shape or (len(points),))
+    config = json.loads(json.dumps(config, sort_keys=True))  # the form it takes in the file
+    saved = load(path, config, shape)
+    done = saved.get(DONE, np.zeros(shape, dtype=bool)).copy()
+    metrics = {k: v.copy() for k, v in saved.items() if k not in (CONFIG, DONE) and k not in (extra or {})}
+    todo = [i for i in range(len(points)) if not done.flat[i]]
+    if verbose and len(todo) < len(points):
+        print(f"continuing {path}: {len(points) - len(todo)} of {len(points)} points already done")
+    bar = tqdm(total=len(points), initial=len(points) - len(todo), desc=desc, disable=not verbose)
+    try:
+        for i in todo:
+            for name, value in evaluate(points[i]).items():
+                metrics.setdefault(name, np.full(shape, np.nan)).flat[i] = value
+            done.flat[i] = True
+            save(path, config, done, metrics, extra or {})
+            bar.update(1)
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted after {int(done.sum())} of {len(points)} points; {path} keeps "
+                          "them: rerun the same command to continue")
+    finally:
+        bar.close()
+    return metrics, done
