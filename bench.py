@@ -26,6 +26,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import dataset
 import image_folder
+from alignment import align
 import speed
 import sweep
 import trainer
@@ -33,6 +34,7 @@ from loader import TensorLoader
 from losses import LPIPS
 from models.autoencoder import Autoencoder
 from models.curves import Bezier, CurveNet
+from models.symmetry import apply_permutation, permutation_spec, random_permutation
 from paths import PointEvaluator, update_bn, walk
 from plane_geometry import Plane, names_and_shapes, vector
 from synthetic import synthetic_faces
@@ -231,6 +233,24 @@ def bench_eval_point(cfg, device):
             "lpips_point_over_point": t["point_lpips"] / t["point"]}
 
 
+def bench_alignment(cfg, device):
+    """Weight matching (align.py's default) at the benchmark's width: of two independently
+    initialised autoencoders, and of an autoencoder and a randomly permuted copy of itself."""
+    torch.manual_seed(0)
+    a, b = Autoencoder(in_filters=cfg["in_filters"]), Autoencoder(in_filters=cfg["in_filters"])
+    spec = permutation_spec(a)
+    planted = Autoencoder(in_filters=cfg["in_filters"])
+    planted.load_state_dict(apply_permutation(spec, a.state_dict(), *random_permutation(spec, torch.Generator().manual_seed(1))))
+    out = {}
+    for name, other in (("independent", b), ("planted", planted)):
+        start = time.perf_counter()
+        _, record = align(a, other, "weight")
+        out[f"{name}_seconds"] = time.perf_counter() - start
+        out[f"{name}_sweeps"] = len(record["objective"]) - 1
+        out[f"{name}_distance_after_over_before"] = record["distance_after"] / record["distance_before"]
+    return out
+
+
 def training_flops_per_image():
     """FLOPs of one training step (forward, L1 loss, backward) per image at the default
     architecture, counted by torch.utils.flop_counter on the CPU."""
@@ -270,7 +290,7 @@ def bench_gpu_targets(cfg, device):
 
 
 SECTIONS = {"data": bench_data, "training": bench_training, "curve_step": bench_curve_step,
-            "eval_point": bench_eval_point, "gpu_targets": bench_gpu_targets}
+            "eval_point": bench_eval_point, "alignment": bench_alignment, "gpu_targets": bench_gpu_targets}
 
 
 def main(args):

@@ -17,6 +17,7 @@ import checkpoints
 import dataset as data
 import figures
 import trainer
+from alignment import apply_record
 from losses import evaluation_losses
 from models.curves import connect, curve_name
 from paths import output_difference, weight_distance
@@ -78,6 +79,9 @@ def load_curve_and_ends(args, device):
             raise UserError("give --ckpt CURVE, or --curve with --init_start and --init_end")
         paths = [args.init_start, args.init_end]
     (start, sck), (end, _) = checkpoints.load_endpoints(paths)
+    if ck is not None and ck["curve_config"].get("alignment") and not args.init_end:
+        end = apply_record(end, ck["curve_config"]["alignment"])  # the curve ends at the aligned copy
+        paths[1] = f"{paths[1]} (its units permuted as the curve records: --align)"
     if ck is None:  # the original's check: a fresh curve between the endpoints, as training builds it
         try:
             curve = connect(start, end, args.curve, args.num_bends)

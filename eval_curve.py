@@ -18,8 +18,9 @@ import dataset as data
 import figures
 import speed
 from losses import LOSSES, LPIPS, LPIPSUnavailable, evaluation_losses
+from alignment import add_align_args, align_from_args
 from models.curves import connect, curve_name
-from paths import PointEvaluator, summary, walk
+from paths import PointEvaluator, summary, update_bn, walk
 from utils import (ArgParser, RunDir, UserError, atomic_write, default_device, file_digest,
                    output_stem, positive, resolve_device, run_cli, write_json)
 
@@ -37,6 +38,9 @@ def get_args_parser():
     p.add_argument("--init_end", default=None, help="endpoint checkpoint at t = 1 (TRIVIAL)")
     p.add_argument("--num_points", type=int, default=10, help="evenly spaced t in [0, 1] (10)")
     p.add_argument("--no_segment", action="store_true", help="do not also walk the curve's segment")
+    p.add_argument("--align", action="store_true",
+                   help="also walk the segment from the start to the end with its units permuted to "
+                        "match the start's (see align.py and the alignment flags)")
     p.add_argument("--lpips", action="store_true", help="also mean LPIPS (AlexNet) over the test split")
     p.add_argument("--lpips_weights", default=None, help="AlexNet weights file for LPIPS (see README)")
     p.add_argument("--bn_batches", type=positive(int), default=None,
@@ -46,6 +50,7 @@ def get_args_parser():
     p.add_argument("--num_filters", type=positive(int), default=None, help="pyramid levels (the run's)")
     p.add_argument("--device", default=default_device())
     p.add_argument("--seed", type=int, default=1)
+    add_align_args(p)
     speed.add_speed_args(p)
     data.add_data_args(p, inherit=True)
     return p
@@ -54,14 +59,15 @@ def get_args_parser():
 # ----------------------------------------------------------------------------- main
 
 def load_paths(args):
-    """{label: CurveNet} to walk, the source checkpoints {flag: path}, the run's args, a name."""
+    """{label: CurveNet} to walk, the two ends (autoencoders), the source checkpoints
+    {flag: path}, the run's args, a name."""
     if args.connect == "TRIVIAL":
         if not (args.init_start and args.init_end):
             raise UserError("--connect TRIVIAL needs both --init_start and --init_end")
         (a, ack), (b, _) = checkpoints.load_endpoints([args.init_start, args.init_end])
         name = f"{output_stem(args.init_start)}--{output_stem(args.init_end)}-segment"
         sources = {"init_start": args.init_start, "init_end": args.init_end}
-        return {"segment": connect(a, b)}, sources, ack["args"], name
+        return {"segment": connect(a, b)}, (a, b), sources, ack["args"], name
     if not args.ckpt:
         raise UserError("--connect CURVE needs --ckpt (a curve checkpoint)")
     ck = checkpoints.load(args.ckpt, kind="curve", flag="--ckpt")
@@ -70,9 +76,10 @@ def load_paths(args):
     checkpoints.verify_endpoints(cfg, strict=False)
     curve = checkpoints.build_model(ck)
     paths = {f"curve ({cfg['curve']}, {cfg['num_bends']} bends)": curve}
-    if not args.no_segment:
-        paths["segment"] = connect(curve.point_at(0.0), curve.point_at(1.0))
-    return paths, {"ckpt": args.ckpt}, ck["args"], f"{output_stem(args.ckpt)}-curve"
+    ends = (curve.point_at(0.0), curve.point_at(1.0))
+    if not args.no_segment:  # a curve trained with --align ends at the aligned copy of its endpoint
+        paths["segment (end aligned by --align)" if cfg.get("alignment") else "segment"] = connect(*ends)
+    return paths, ends, {"ckpt": args.ckpt}, ck["args"], f"{output_stem(args.ckpt)}-curve"
 
 
 def main(args):
@@ -89,14 +96,24 @@ def main(args):
             lpips = LPIPS(args.lpips_weights).to(device)
         except LPIPSUnavailable as e:
             raise UserError(f"--lpips: {e}")
-    paths, sources, run_args, name = load_paths(args)
+    paths, ends, sources, run_args, name = load_paths(args)
     out_dir = args.dir or os.path.join(os.path.dirname(os.path.abspath(next(iter(sources.values())))), "eval")
     RunDir(out_dir)  # fails early, in one line, when it cannot be written
     data.inherit_data_args(args, run_args)
     loss_name, loss_fns = evaluation_losses(args, run_args, device)
-    name = f"{name}-{args.num_points}pts"
+    name = f"{name}-{args.num_points}pts" + ("-aligned" if args.align else "")
 
     train_loader, test_loader = data.build_loaders(args, device)
+    alignment = None
+    if args.align:  # the segment from the start to the end with its units matched to the start's
+        a, b = (m.to(device) for m in ends)
+        if args.connect == "CURVE":  # points of a curve carry no BatchNorm statistics of their own
+            for m in (a, b):
+                update_bn(train_loader.ordered(), m, num_batches=args.bn_batches)
+        aligned, alignment = align_from_args(a, b, args, train_loader)
+        paths["aligned segment"] = connect(a, aligned)
+        print(f"{args.align_method} matching: ||start - end|| = {alignment['distance_before']:.4f}, "
+              f"||start - aligned end|| = {alignment['distance_after']:.4f}")
     samples = next(iter(test_loader))[:args.num_images]
     template = next(iter(paths.values())).point_at(0.0)
     evaluator = PointEvaluator(template, train_loader.ordered(), test_loader, loss_fns,
@@ -107,25 +124,27 @@ def main(args):
           f"[-1, 1]; BatchNorm re-estimated on {args.bn_batches or len(train_loader)} training batches per t")
     results = {label: walk(net.to(device), ts, evaluator, label.split()[0]) for label, net in paths.items()}
 
-    seg = results.get("segment")
+    curve_label = next((label for label in results if label.startswith("curve")), None)
+    segment_label = next((label for label in results if label.startswith("segment")), None)
     ratio = None
-    if seg is not None and len(results) == 2 and seg["length"] > 0:
-        ratio = next(iter(results.values()))["length"] / seg["length"]
+    if curve_label and segment_label and results[segment_label]["length"] > 0:
+        ratio = results[curve_label]["length"] / results[segment_label]["length"]
     for label, res in results.items():
-        print(summary(label, res, ratio if label != "segment" else None))
+        print(summary(label, res, ratio if label == curve_label else None))
 
-    files = write_outputs(out_dir, name, args, sources, results, ratio, samples.cpu(), loss_name, lpips)
+    files = write_outputs(out_dir, name, args, sources, results, ratio, samples.cpu(), loss_name, lpips,
+                          alignment)
     print("outputs:\n  " + "\n  ".join(files.values()))
     return {"paths": results, "files": files}
 
 
-def write_outputs(out_dir, name, args, sources, results, ratio, samples, loss_name, lpips):
+def write_outputs(out_dir, name, args, sources, results, ratio, samples, loss_name, lpips, alignment=None):
     base = os.path.join(out_dir, name)
     arrays = {}
     report = {"config": vars(args), "loss": loss_name, "units": "losses on images in [-1, 1]",
               "checkpoints": {k: {"path": os.path.abspath(p), "sha256": file_digest(p)} for k, p in sources.items()},
               "lpips_weights": lpips.source if lpips is not None else None,
-              "length_ratio": ratio, "paths": {}}
+              "length_ratio": ratio, "alignment": alignment, "paths": {}}
     for label, res in results.items():
         key = label.split()[0]
         report["paths"][label] = {k: v for k, v in res.items() if k != "recons"}

@@ -7,7 +7,7 @@ from torchvision.transforms.functional import to_pil_image
 from matplotlib.figure import Figure  # no pyplot: no global backend state, works headless
 from PIL import Image, ImageDraw
 
-COLOURS = {"curve": "tab:blue", "segment": "tab:red"}
+COLOURS = {"curve": "tab:blue", "segment": "tab:red", "aligned": "tab:green"}
 SCALE = 2      # reconstructions are 64x64: drawn at 2x in GIFs and strips
 HEADER = 22    # pixels of caption above each GIF frame
 

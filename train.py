@@ -26,6 +26,7 @@ import dataset as data
 import figures
 import speed
 import trainer
+from alignment import add_align_args, align_from_args
 from losses import LOSS_DEFAULTS, LOSSES, build_loss
 from models.autoencoder import ARCH_DEFAULTS, INIT_DEFAULT, INITS, Autoencoder
 from models.curves import connect, curve_name
@@ -76,6 +77,10 @@ def get_args_parser():
                    help="do not place the interior bends on the segment between the ends")
     g.add_argument("--midpoint_bn_batches", type=positive(int), default=10,
                    help="training batches for BatchNorm at t = 0.5 in the per-epoch report (10)")
+    g.add_argument("--align", action="store_true",
+                   help="connect the start to the end with the end's units permuted to match the start's "
+                        "(see align.py; the curve records the permutations)")
+    add_align_args(p)
     return p
 
 
@@ -96,11 +101,14 @@ def build_endpoint(args, resume):
     return model, model.config, None
 
 
-def build_curve(args, resume):
-    """A CurveNet between the endpoint checkpoints (or, on --resume, as the checkpoint says)."""
+def build_curve(args, resume, train_loader):
+    """A CurveNet between the endpoint checkpoints (or, on --resume, as the checkpoint says); with
+    --align, its end is the --init_end endpoint with its units matched to the start's."""
     if resume:
         cfg = resume["curve_config"]
         checkpoints.check_config({"curve": args.curve, "num_bends": args.num_bends}, cfg, "the checkpoint")
+        if args.align and not cfg.get("alignment"):
+            raise UserError(f"--resume {args.resume}: that curve was trained without --align; drop --align")
         checkpoints.verify_endpoints(cfg, strict=False)
         arch = checkpoints.resolve_settings(args, resume["model_config"], ARCH_DEFAULTS)
         base = Autoencoder(**arch, conv_init=resume["model_config"]["conv_init"])
@@ -117,6 +125,16 @@ def build_curve(args, resume):
                                         ARCH_DEFAULTS)
     base = Autoencoder(**arch, conv_init=args.conv_init)  # the first draw after seeding
     ends = {flag: checkpoints.build_model(ck) for flag, ck in saved.items()}
+    alignment = None
+    if args.align:
+        if len(ends) < 2:
+            raise UserError("--align needs both --init_start and --init_end")
+        device = train_loader.device
+        aligned, alignment = align_from_args(ends["--init_start"].to(device), ends["--init_end"].to(device),
+                                             args, train_loader)
+        ends["--init_end"] = aligned.cpu()
+        print(f"--align: the end's units matched to the start's by {args.align_method} matching: "
+              f"||start - end|| {alignment['distance_before']:.4f} -> {alignment['distance_after']:.4f}")
     num_bends = args.num_bends or 3
     try:
         net = connect(ends.get("--init_start"), ends.get("--init_end"), args.curve, num_bends,
@@ -124,7 +142,7 @@ def build_curve(args, resume):
     except ValueError as e:
         raise UserError(str(e))
     cfg = dict(curve=net.curve, num_bends=num_bends, fix_start=args.fix_start, fix_end=args.fix_end,
-               init_linear=not args.init_linear_off,
+               init_linear=not args.init_linear_off, alignment=alignment,
                **checkpoints.endpoint_record((args.init_start, args.init_end)))
     return net, base.config, cfg
 
@@ -170,7 +188,8 @@ def main(args):
 
     seed_everything(args.seed)
     train_loader, test_loader = data.build_loaders(args, device)
-    model, model_config, curve_config = (build_curve if is_curve else build_endpoint)(args, resume)
+    model, model_config, curve_config = (build_curve(args, resume, train_loader) if is_curve
+                                         else build_endpoint(args, resume))
     for k, v in {**model_config, **(curve_config or {})}.items():
         if hasattr(args, k):
             setattr(args, k, v)

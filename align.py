@@ -1,0 +1,63 @@
+"""Permute the hidden units of one endpoint to match another (is the barrier only a symmetry?).
+
+    python align.py --init_start A.pt --init_end B.pt --out B_aligned.pt
+    python align.py --init_start A.pt --init_end B.pt --out B_aligned.pt --method activation
+
+Writes an ordinary autoencoder checkpoint that computes the same function as B (checked on test
+images, to float round-off) with its units permuted (and, through the encoder's Tanh, its latent
+units negated) to lie as close to A as the method can bring it. The checkpoint records the
+permutations, the signs, and A's and B's paths and SHA-256. Use it wherever an endpoint is:
+`eval_curve.py --connect TRIVIAL --init_start A.pt --init_end B_aligned.pt`, `train.py --curve`.
+"""
+import os
+
+import checkpoints
+import dataset as data
+from alignment import add_align_args, align_from_args
+from paths import output_difference
+from utils import ArgParser, RunDir, UserError, default_device, file_digest, positive, resolve_device, run_cli
+
+ROUND_OFF = 1e-4  # max |pi(B)(x) - B(x)| allowed: float32 round-off of a reordered sum, not a new function
+
+
+def get_args_parser():
+    p = ArgParser("align.py", description=__doc__.split("\n")[0])
+    p.add_argument("--init_start", required=True, metavar="A", help="the endpoint to align to")
+    p.add_argument("--init_end", required=True, metavar="B", help="the endpoint whose units are permuted")
+    p.add_argument("--out", required=True, help="where to write the aligned copy of B")
+    p.add_argument("--device", default=default_device())
+    p.add_argument("--check_batches", type=positive(int), default=4,
+                   help="test batches on which pi(B) must compute what B computes (4)")
+    add_align_args(p, prefix="")
+    data.add_data_args(p, inherit=True)
+    return p
+
+
+def main(args):
+    device = resolve_device(args.device)
+    (a, ack), (b, bck) = checkpoints.load_endpoints([args.init_start, args.init_end])
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    RunDir(out_dir)  # --out must be writable: fail now, in one line, not after the work
+    data.inherit_data_args(args, bck["args"])
+    train_loader, test_loader = data.build_loaders(args, device)
+    a, b = a.to(device), b.to(device)
+    aligned, record = align_from_args(a, b, args, train_loader)
+    for sweep, value in enumerate(record["objective"]):
+        print(f"  {'before' if sweep == 0 else f'sweep {sweep}'}: <A, pi(B)> = {value:.6f}")
+    batches = [x for _, x in zip(range(args.check_batches), test_loader)]
+    differs, _ = output_difference(aligned, b, batches)
+    print(f"||A - B|| = {record['distance_before']:.4f} before, ||A - pi(B)|| = {record['distance_after']:.4f} "
+          f"after {args.align_method} matching; max |pi(B)(x) - B(x)| = {differs:.2e} on "
+          f"{sum(len(x) for x in batches)} test images")
+    if not differs < ROUND_OFF:
+        raise UserError(f"the aligned model computes another function (max difference {differs:.2e}): "
+                        "nothing was written; please report this")
+    source = dict(aligned_to={"path": os.path.abspath(args.init_start), "sha256": file_digest(args.init_start)},
+                  original={"path": os.path.abspath(args.init_end), "sha256": file_digest(args.init_end)},
+                  alignment=record)
+    checkpoints.save(args.out, checkpoints.autoencoder(aligned.cpu(), bck["args"], bck["epoch"], source))
+    print(f"aligned copy of {args.init_end} written to {args.out}")
+
+
+if __name__ == "__main__":
+    run_cli(main, get_args_parser())
