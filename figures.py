@@ -34,6 +34,56 @@ def plot_metric(walks, key, ylabel, path, title=None):
     fig.savefig(path)
 
 
+def plot_ensemble(walks, loss_name, path, title=None):
+    """Two panels against t for every walk: the diversity from each end, and the gain of the
+    ensemble of the point with each end (mean of the two members' losses - the ensemble's loss)."""
+    fig = Figure(figsize=(10, 4), dpi=120)
+    left, right = fig.subplots(1, 2)
+    for label, walk in walks.items():
+        colour = COLOURS.get(label.split()[0], None)
+        for side, style in (("start", "-"), ("end", "--")):
+            left.plot(walk["ts"], walk[f"diversity_{side}"], style, marker="o", markersize=3, color=colour,
+                      label=f"{label}, from the {side}")
+            right.plot(walk["ts"], walk[f"ensemble_{side}_loss_gain"], style, marker="o", markersize=3,
+                       color=colour, label=f"{label}, with the {side}")
+    left.set_ylabel("diversity: mean |f_t(x) - f_end(x)|")
+    right.set_ylabel(f"ensemble gain ({loss_name}): members' mean - ensemble")
+    for ax in (left, right):
+        ax.set_xlabel("t")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def plot_ensembles(table, loss_name, path, title=None):
+    """Test loss against the number of members, one colour per family of ensembles ("curve, k",
+    "segment, k", ...): the ensemble's loss (solid) and the mean of its members' (dashed)."""
+    fig = Figure(figsize=(6, 4), dpi=120)
+    ax = fig.subplots()
+    families = {}
+    for name, row in table.items():
+        families.setdefault(name.split(",")[0], []).append((len(row["keys"]), row))
+    for family, rows in families.items():
+        colour = COLOURS.get(family, "black" if family == "endpoints" else None)
+        ks = [k for k, _ in rows]
+        ax.plot(ks, [r["ensemble"]["loss"] for _, r in rows], "-", marker="o", color=colour,
+                label=f"{family}: ensemble")
+        ax.plot(ks, [r["member_mean"]["loss"] for _, r in rows], "--", marker="x", color=colour,
+                label=f"{family}: mean of its members")
+    ax.set_xlabel("members")
+    ax.set_ylabel(f"test {loss_name} loss")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    if title:
+        ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
 def save_rows(rows, path):
     """Save image rows (each (K, 3, H, W) in [-1, 1]) as one PNG grid, a row per tensor."""
     vutils.save_image(torch.cat(rows).float().cpu(), path, nrow=len(rows[0]), normalize=True,

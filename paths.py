@@ -129,56 +129,83 @@ class PointEvaluator:
         for name, p in self.module.named_parameters():
             p.copy_(theta[name])
 
-    def __call__(self, theta):
-        """{"train_<loss>": float, ..., "test_<metric>": float, ["recons": (K, 3, 64, 64) on the CPU]}."""
-        self.load(theta)
-        device = self.train_batches.device
-        with autocast(device, self.amp):
+    def estimate_bn(self):
+        with autocast(self.train_batches.device, self.amp):
             update_bn(self.train_batches, self.runner, num_batches=self.bn_batches)
+
+    def __call__(self, theta, on_test_batch=None):
+        """{"train_<loss>": float, ..., "test_<metric>": float, ["recons": (K, 3, 64, 64) on the CPU]}.
+        `on_test_batch(x, out)` sees every test batch and the point's reconstructions of it."""
+        self.load(theta)
+        self.estimate_bn()
         train = evaluate(self.runner, self.train_batches, self.loss_fns, amp=self.amp)
-        test = evaluate(self.runner, self.test_batches, self.loss_fns, self.image_metrics, amp=self.amp)
+        test = evaluate(self.runner, self.test_batches, self.loss_fns, self.image_metrics, amp=self.amp,
+                        on_batch=on_test_batch)
         result = {**{"train_" + k: v for k, v in train.items()}, **{"test_" + k: v for k, v in test.items()}}
         if self.samples is not None:
-            with torch.no_grad(), autocast(device, self.amp):
+            with torch.no_grad(), autocast(self.train_batches.device, self.amp):
                 result["recons"] = self.runner(self.samples).float().cpu()
         return result
 
 
-def walk(net, ts, evaluator, label="path", verbose=True):
+def walk(net, ts, evaluator, label="path", verbose=True, ensemble=None):
     """Evaluate the curve `net` (a CurveNet; a segment is a 2-bend PolyChain) at each t.
 
     Returns per-t lists: ts, dl (weight-space distance to the previous point), every metric of the
     evaluator (train_<m>, test_<m>), seconds, recons (when the evaluator has samples); and the
-    path's length, Garipov's statistics of each metric and its barrier heights.
+    path's length, Garipov's statistics of each metric and its barrier heights. With `ensemble`
+    (an ensembles.EndEnsembles) the two ends are evaluated first, and every t also gets the
+    diversity from each end and the two-member ensembles with each end (diversity_*, ensemble_*).
     """
-    out = {"ts": [float(t) for t in ts], "dl": [], "seconds": [], "recons": []}
-    previous = None
-    for t in tqdm(out["ts"], desc=label, leave=False, disable=not verbose):
+    ts = [float(t) for t in ts]
+    last = len(ts) - 1
+    order = [0, last, *range(1, last)] if ensemble is not None else list(range(len(ts)))
+    values, seconds = [None] * len(ts), [0.0] * len(ts)
+
+    def test_metrics(v):
+        return {k[len("test_"):]: x for k, x in v.items() if k.startswith("test_")}
+    for i in tqdm(order, desc=label, leave=False, disable=not verbose):
         started = time.time()
         with torch.no_grad():
-            theta = net.weights(t)
-        values = evaluator(theta)
-        if "recons" in values:
-            out["recons"].append(values.pop("recons"))
-        vector = torch.cat([v.flatten() for v in theta.values()])
-        out["dl"].append(0.0 if previous is None else (vector - previous).norm().item())
-        previous = vector
-        for name, value in values.items():
-            out.setdefault(name, []).append(value)
-        out["seconds"].append(time.time() - started)
+            theta = net.weights(ts[i])
+        on_batch = finish = None
+        if ensemble is not None:
+            on_batch, finish = ((ensemble.keeper(0 if i == 0 else 1), None) if i in (0, last)
+                                else ensemble.scorer(evaluator.test_batches.device))
+        values[i] = evaluator(theta, on_test_batch=on_batch)
+        if finish is not None:
+            values[i].update(finish(test_metrics(values[i]), test_metrics(values[0]), test_metrics(values[last])))
+        if ensemble is not None and i == last:  # both ends known: their rows, from what was kept
+            for j, kept in ((0, ensemble.ends[0]), (last, ensemble.ends[1])):
+                on_kept, finish_kept = ensemble.scorer(evaluator.test_batches.device)
+                for x, out in zip(evaluator.test_batches, kept):
+                    on_kept(x, out)
+                values[j].update(finish_kept(test_metrics(values[j]), test_metrics(values[0]),
+                                             test_metrics(values[last])))
+        seconds[i] = time.time() - started
         if verbose:
-            row = "  ".join(f"{k} {values[k]:.5f}" for k in values)
-            tqdm.write(f"{label:8s} t={t:.3f}  {row}  {out['seconds'][-1]:.1f}s")
+            row = "  ".join(f"{k} {v:.5f}" for k, v in values[i].items() if k.startswith(("train_", "test_")))
+            tqdm.write(f"{label:8s} t={ts[i]:.3f}  {row}  {seconds[i]:.1f}s")
+    out = {"ts": ts, "dl": [0.0], "seconds": seconds, "recons": [v.pop("recons") for v in values if "recons" in v]}
+    with torch.no_grad():
+        vectors = [torch.cat([v.flatten() for v in net.weights(t).values()]) for t in ts[:2]]
+        for k in range(1, len(ts)):
+            out["dl"].append((vectors[1] - vectors[0]).norm().item())
+            if k < last:
+                vectors = [vectors[1], torch.cat([v.flatten() for v in net.weights(ts[k + 1]).values()])]
+    for name in values[0]:
+        out[name] = [v[name] for v in values]
     out["length"] = float(sum(out["dl"]))
-    keys = metric_keys(out)
-    out["stats"] = {k: path_stats(out[k], out["dl"]) for k in keys}
+    out["stats"] = {k: path_stats(out[k], out["dl"]) for k in metric_keys(out, ensemble=True)}
     out["barriers"] = {k: dict(zip(("above_mean_of_ends", "above_line_between_ends"),
-                                   barrier_heights(out["ts"], out[k]))) for k in keys}
+                                   barrier_heights(out["ts"], out[k]))) for k in metric_keys(out)}
     return out
 
 
-def metric_keys(result):
-    return [k for k in result if k.startswith(("train_", "test_"))]
+def metric_keys(result, ensemble=False):
+    """The names of the per-t metrics in a walk's result (with `ensemble`, the ensemble ones too)."""
+    prefixes = ("train_", "test_") + (("diversity_", "ensemble_") if ensemble else ())
+    return [k for k in result if k.startswith(prefixes)]
 
 
 def path_stats(values, dl):

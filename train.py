@@ -17,13 +17,9 @@ Losses are computed on images in [-1, 1].
 import argparse
 import os
 import sys
-import time
-
-import torch
 
 import checkpoints
 import dataset as data
-import figures
 import speed
 import trainer
 from alignment import add_align_args, align_from_args
@@ -31,8 +27,7 @@ from losses import LOSS_DEFAULTS, LOSSES, build_loss
 from models.autoencoder import ARCH_DEFAULTS, INIT_DEFAULT, INITS, Autoencoder
 from models.curves import connect, curve_name
 from paths import update_bn
-from utils import (ArgParser, Interrupted, RunDir, StopRequest, UserError, default_device, positive,
-                   resolve_device, run_cli, seed_everything)
+from utils import ArgParser, RunDir, UserError, default_device, positive, resolve_device, run_cli, seed_everything
 
 
 def get_args_parser():
@@ -147,15 +142,6 @@ def build_curve(args, resume, train_loader):
     return net, base.config, cfg
 
 
-def save_reconstructions(model, images, path):
-    """Test originals (top row) above their reconstructions (bottom row), as one PNG."""
-    model.eval()
-    with torch.no_grad():
-        recon = model(images)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    figures.save_rows([images, recon], path)
-
-
 def open_tensorboard(args):
     if not args.tensorboard:
         return None
@@ -224,9 +210,6 @@ def main(args):
     what = (f"{curve_config['curve']} curve, {curve_config['num_bends']} bends: " if is_curve else "")
     print(f"{what}{n_params:,} trainable parameters; {train_loader.num_images} train / {test_loader.num_images} "
           f"test images; loss {args.loss_function} on [-1, 1] images; device {device}")
-    sample = next(iter(test_loader))[:8]
-    writer = open_tensorboard(args)
-    last = run.file("checkpoint-last.pt")
 
     def checkpoint(epoch, sums=None):
         return dict(kind="curve" if is_curve else "autoencoder", model_config=model_config,
@@ -236,53 +219,22 @@ def main(args):
                     epoch=epoch, batch=sums["batches"] if sums else 0, sums=sums,
                     args=vars(args), rng=checkpoints.rng_state(device))
 
-    with StopRequest().installed() as stop:
-        while epoch < args.epochs:
-            started = time.time()
-            lr = trainer.learning_rate(args.lr, epoch, args.epochs)
-            trainer.set_learning_rate(optimizer, lr)
-            train_loader.set_epoch(epoch)
-            try:
-                sums = trainer.train_one_epoch(
-                    runner, train_loader, optimizer, loss_fn, noise_std=args.noise_std, curve_wd=curve_wd,
-                    amp=args.amp, scaler=scaler,
-                    start=position["batches"] if position else 0, sums=position, stop=stop,
-                    desc=f"epoch {epoch + 1}/{args.epochs}")
-            except trainer.NonFiniteLoss as e:
-                kept = f"the last good checkpoint is {last}" if os.path.exists(last) else "no checkpoint was written"
-                raise UserError(f"the training loss became non-finite in epoch {epoch + 1} ({e}); "
-                                f"stopped, {kept}; try a lower --lr")
-            position = None
-            if sums["batches"] < len(train_loader):  # Ctrl-C mid-epoch
-                checkpoints.save(last, checkpoint(epoch, sums))
-                raise Interrupted(f"interrupted in epoch {epoch + 1} at batch {sums['batches']}; "
-                                  f"resume with --resume {last}")
-            train_loss = sums["loss_sum"] / sums["count"]
-            evaluated = runner
-            if is_curve:  # the midpoint, BatchNorm re-estimated on a fixed subset of training batches
-                evaluated = model.point_at(0.5)
-                with speed.autocast(device, args.amp):
-                    update_bn(train_loader.ordered(), evaluated, num_batches=args.midpoint_bn_batches)
-            test_loss = trainer.evaluate(evaluated, test_loader, {"loss": loss_fn}, amp=args.amp)["loss"]
-            epoch += 1
-            record = dict(epoch=epoch, lr=lr, train_loss=train_loss, test_loss=test_loss)
-            if is_curve:
-                record.update(test_loss_at="t=0.5", reg=sums["reg_sum"] / sums["count"])
-            record["time"] = round(time.time() - started, 2)
-            extra = f"  reg {record['reg']:.5f}" if is_curve else ""
-            print(f"epoch {epoch:4d}/{args.epochs}  lr {lr:.2e}  train {train_loss:.5f}{extra}  "
-                  f"test{'@t=0.5' if is_curve else ''} {test_loss:.5f}  {record['time']:.1f}s", flush=True)
-            run.log(record)
-            if writer is not None:
-                for k in ("lr", "train_loss", "test_loss"):
-                    writer.add_scalar(k, record[k], epoch)
-            save_reconstructions(evaluated, sample, run.file(f"recon/epoch-{epoch:03d}.png"))
-            state = checkpoint(epoch)
-            checkpoints.save(last, state)
-            if epoch % args.save_freq == 0 or (epoch == args.epochs and args.save_final):
-                checkpoints.save(run.file(f"checkpoint-{epoch}.pt"), state)
-            if stop.requested and epoch < args.epochs:
-                raise Interrupted(f"interrupted after epoch {epoch}; resume with --resume {last}")
+    def evaluate():
+        if not is_curve:
+            return trainer.evaluate(runner, test_loader, {"loss": loss_fn}, amp=args.amp)["loss"], {}, runner
+        # the midpoint, BatchNorm re-estimated on a fixed subset of training batches
+        midpoint = model.point_at(0.5)
+        with speed.autocast(device, args.amp):
+            update_bn(train_loader.ordered(), midpoint, num_batches=args.midpoint_bn_batches)
+        test_loss = trainer.evaluate(midpoint, test_loader, {"loss": loss_fn}, amp=args.amp)["loss"]
+        return test_loss, {"test_loss_at": "t=0.5"}, midpoint
+
+    writer = open_tensorboard(args)
+    trainer.fit(model=model, runner=runner, optimizer=optimizer, loss_fn=loss_fn, train_loader=train_loader,
+                test_loader=test_loader, run=run, epochs=args.epochs, checkpoint=checkpoint, evaluate=evaluate,
+                lr_at=lambda epoch, fraction: trainer.learning_rate(args.lr, epoch, args.epochs),
+                start_epoch=epoch, position=position, noise_std=args.noise_std, curve_wd=curve_wd,
+                amp=args.amp, scaler=scaler, save_freq=args.save_freq, save_final=args.save_final, writer=writer)
     if writer is not None:
         writer.close()
     print(f"done: checkpoints in {args.dir}")
