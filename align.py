@@ -13,6 +13,7 @@ import os
 
 import checkpoints
 import dataset as data
+import distributed
 from alignment import add_align_args, align_from_args
 from paths import output_difference
 from utils import ArgParser, RunDir, UserError, default_device, file_digest, positive, resolve_device, run_cli
@@ -34,6 +35,7 @@ def get_args_parser():
 
 
 def main(args):
+    distributed.refuse_several("align.py")
     device = resolve_device(args.device)
     (a, ack), (b, bck) = checkpoints.load_endpoints([args.init_start, args.init_end])
     out_dir = os.path.dirname(os.path.abspath(args.out))

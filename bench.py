@@ -11,11 +11,14 @@ machine. Training steps go through trainer.train_one_epoch and evaluation throug
 paths.PointEvaluator and paths.walk: the code users run. Prints a table and writes JSON.
 """
 import itertools
+import json
 import os
 import platform
 import resource
 import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from types import SimpleNamespace
@@ -24,6 +27,7 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+import checkpoints
 import dataset
 import image_folder
 from alignment import align
@@ -33,7 +37,7 @@ import trainer
 from loader import TensorLoader
 from losses import LPIPS
 from models.autoencoder import Autoencoder
-from models.curves import Bezier, CurveNet
+from models.curves import Bezier, CurveNet, connect
 from models.symmetry import apply_permutation, permutation_spec, random_permutation
 from paths import PointEvaluator, update_bn, walk
 from plane_geometry import Plane, names_and_shapes, vector
@@ -251,6 +255,40 @@ def bench_alignment(cfg, device):
     return out
 
 
+def bench_distributed_eval(cfg, device):
+    """eval_curve.py over a curve and its segment: 2 processes under torchrun (one thread each)
+    against 1 process with one thread; points per second from the walks' own wall time."""
+    if device.type != "cpu":
+        return {}
+    with tempfile.TemporaryDirectory() as root:
+        torch.manual_seed(0)
+        a, b = Autoencoder(in_filters=cfg["eval_filters"]), Autoencoder(in_filters=cfg["eval_filters"])
+        curve = connect(a, b, Bezier, 3)
+        run_args = dict(dataset="synthetic", data_path=None, max_images=cfg["eval_images"], test_fraction=0.2,
+                        batch_size=cfg["batch_size"], num_workers=0, loss_function="mae", num_filters=5)
+        ckpt = os.path.join(root, "curve", "checkpoint.pt")
+        os.makedirs(os.path.dirname(ckpt))
+        checkpoints.save(ckpt, dict(kind="curve", model_config=a.config, state_dict=curve.state_dict(),
+                                    curve_config=dict(curve="Bezier", num_bends=3, fix_start=True, fix_end=True),
+                                    optimizer=None, epoch=0, args=run_args, rng=None))
+        points = cfg["dist_points"]
+        argv = ["eval_curve.py", "--ckpt", ckpt, "--num_points", str(points), "--device", "cpu"]
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        seconds = {}
+        for name, launcher in (("one_process", [sys.executable]),
+                               ("two_processes", [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                  "--nproc-per-node", "2"])):
+            out = os.path.join(root, name)
+            subprocess.run([*launcher, *argv, "--dir", out], cwd=os.path.dirname(os.path.abspath(__file__)),
+                           env=env, check=True, capture_output=True)
+            (report,) = [f for f in os.listdir(out) if f.endswith(".json")]
+            with open(os.path.join(out, report)) as f:
+                seconds[name] = json.load(f)["walk_seconds"]
+    return {"one_process_points_per_s": 2 * points / seconds["one_process"],
+            "two_processes_points_per_s": 2 * points / seconds["two_processes"],
+            "two_over_one": seconds["one_process"] / seconds["two_processes"]}
+
+
 def training_flops_per_image():
     """FLOPs of one training step (forward, L1 loss, backward) per image at the default
     architecture, counted by torch.utils.flop_counter on the CPU."""
@@ -290,7 +328,8 @@ def bench_gpu_targets(cfg, device):
 
 
 SECTIONS = {"data": bench_data, "training": bench_training, "curve_step": bench_curve_step,
-            "eval_point": bench_eval_point, "alignment": bench_alignment, "gpu_targets": bench_gpu_targets}
+            "eval_point": bench_eval_point, "alignment": bench_alignment,
+            "distributed_eval": bench_distributed_eval, "gpu_targets": bench_gpu_targets}
 
 
 def main(args):
@@ -309,7 +348,7 @@ def main(args):
                repeats=args.repeats or (2 if q else 5), compile=args.compile,
                data_images=64 if q else 2000,
                # evaluation of a path point: a small configuration, as the demo uses
-               eval_filters=4 if q else 16, eval_images=40 if q else 2000)
+               eval_filters=4 if q else 16, eval_images=40 if q else 2000, dist_points=2 if q else 8)
     env = dict(device=str(device), device_name=torch.cuda.get_device_name(device) if device.type == "cuda"
                else platform.processor() or platform.machine(), torch=torch.__version__,
                threads=torch.get_num_threads(), **cfg)

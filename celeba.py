@@ -3,13 +3,12 @@ or downloaded from Google Drive with gdown, checked, and extracted. Returns the 
 decoding and caching are image_folder's job."""
 import os
 import shutil
-import sys
 import zipfile
 
 from tqdm import tqdm
 
 from image_folder import has_images
-from utils import UserError, file_digest
+from utils import UserError, file_digest, warn
 
 # Aligned CelebA as torchvision downloads it (Google Drive file of img_align_celeba.zip).
 CELEBA_DRIVE_ID = "0B7EVK8r0v71pZjFTYXZWM3FlRnM"
@@ -81,7 +80,7 @@ def download_celeba(data_path):
             shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
         raise UserError(f"could not download CelebA: {reason}; {CELEBA_MANUAL}")
 
-    print(f"downloading aligned CelebA (1.4 GB) into {data_path} ...", file=sys.stderr)
+    warn(f"downloading aligned CelebA (1.4 GB) into {data_path} ...")
     try:
         gdown.download(id=CELEBA_DRIVE_ID, output=tmp, quiet=False)
     except KeyboardInterrupt:

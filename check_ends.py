@@ -15,6 +15,7 @@ import torch
 
 import checkpoints
 import dataset as data
+import distributed
 import figures
 import trainer
 from alignment import apply_record
@@ -94,6 +95,7 @@ def load_curve_and_ends(args, device):
 
 
 def main(args):
+    distributed.refuse_several("check_ends.py")
     device = resolve_device(args.device)
     curve, start, end, ck, paths = load_curve_and_ends(args, device)
     saved_args = ck["args"] if ck else None

@@ -9,14 +9,14 @@ optionally source (where a derived checkpoint came from).
 """
 import os
 import pickle
-import sys
 import zipfile
 
 import torch
 
 from models.autoencoder import ARCH_DEFAULTS, Autoencoder
 from models.curves import CurveNet
-from utils import UserError, atomic_write, file_digest
+import distributed
+from utils import UserError, atomic_write, file_digest, warn
 
 FORMAT = "ae-mode-connectivity/1"
 ENDPOINT_FLAGS = {"init_start": "--init_start", "init_end": "--init_end"}
@@ -153,8 +153,8 @@ def verify_endpoints(curve_config, strict, keys=tuple(ENDPOINT_FLAGS)):
     if strict:
         raise UserError("; ".join(problems) + "; pass the endpoints the curve was trained from "
                         "with --init_start / --init_end, or train a new curve")
-    print("warning: " + "; ".join(problems) + "; this run uses the curve's own copy of its ends "
-          "(train a new curve to connect the new endpoint)", file=sys.stderr)
+    warn("warning: " + "; ".join(problems) + "; this run uses the curve's own copy of its ends "
+         "(train a new curve to connect the new endpoint)")
 
 
 # ----------------------------------------------------------------------------- RNG state
@@ -179,7 +179,33 @@ def set_rng_state(state, device):
         saved = "cuda" if every else "cpu"
         device_state = every[min(device.index or 0, len(every) - 1)] if every else None
     if torch.device(saved).type != device.type:
-        print(f"note: the checkpoint was saved on {saved} and this run is on {device}: the random "
-              "stream of noise and dropout differs from an uninterrupted run from here on", file=sys.stderr)
+        warn(f"note: the checkpoint was saved on {saved} and this run is on {device}: the random "
+             "stream of noise and dropout differs from an uninterrupted run from here on")
     elif device.type == "cuda" and device_state is not None:
         torch.cuda.set_rng_state(device_state, device)
+
+
+def run_rng_state(device, t_sampler=None):
+    """The random state of a run: this process's (rng_state), its curve t-sampler's, and under
+    torchrun every process's (gathered, so every process must call it), in "ranks"."""
+    mine = rng_state(device)
+    if t_sampler is not None:
+        mine["t_sampler"] = t_sampler.get_state()
+    everyone = distributed.all_gather(mine)
+    return mine if len(everyone) == 1 else {**everyone[0], "ranks": everyone}
+
+
+def set_run_rng_state(state, device, t_sampler=None):
+    """Restore `run_rng_state`'s result in this process: its own part when the checkpoint was
+    written by as many processes; otherwise rank 0's, with a note that the streams differ."""
+    ranks = state.get("ranks")
+    writers = len(ranks) if ranks is not None else 1
+    matched = writers == distributed.world()
+    mine = ranks[distributed.rank()] if ranks is not None and matched else state
+    if not matched:
+        warn(f"note: the checkpoint was written by {writers} process(es) and this run has "
+             f"{distributed.world()}: the random streams of noise, dropout and t differ from an "
+             "uninterrupted run from here on")
+    set_rng_state(mine, device)
+    if t_sampler is not None and matched and mine.get("t_sampler") is not None:
+        t_sampler.set_state(mine["t_sampler"])

@@ -10,6 +10,7 @@ batches in [-1, 1] on the training device.
 import torch
 import torchvision.utils as vutils
 
+import distributed
 from celeba import find_celeba
 from image_folder import load_folder
 from loader import TensorLoader
@@ -68,15 +69,26 @@ def inherit_data_args(args, saved_args):
             setattr(args, key, (saved_args or {}).get(key, default))
 
 
-def build_loaders(args, device):
+def build_loaders(args, device, shard=False):
     """(train_loader, test_loader) for the run's data flags; train is shuffled by --seed.
 
-    On CUDA the images stay in GPU memory when they fit, unless --no_gpu_data."""
+    On CUDA the images stay in GPU memory when they fit, unless --no_gpu_data. Under torchrun,
+    rank 0 prepares the data (download, decoding, cache) before the others read it; with `shard`
+    the train loader yields this process's part of every batch (--batch_size is the whole batch)."""
+    several = distributed.world() > 1
+    if several and not distributed.is_main():
+        distributed.barrier()
     images = load_images(args.dataset, args.data_path, args.max_images, args.num_workers)
+    if several and distributed.is_main():
+        distributed.barrier()
     train, test = split_images(images, args.test_fraction)
     options = dict(resident=False if getattr(args, "no_gpu_data", False) else None,
                    channels_last=getattr(args, "channels_last", False))
-    return (TensorLoader(train, args.batch_size, device, shuffle=True, seed=getattr(args, "seed", 0), **options),
+    if shard and args.batch_size < distributed.world():
+        raise UserError(f"--batch_size {args.batch_size} is smaller than the {distributed.world()} processes "
+                        "sharing each batch")
+    return (TensorLoader(train, args.batch_size, device, shuffle=True, seed=getattr(args, "seed", 0),
+                         shard=(distributed.rank(), distributed.world()) if shard else (0, 1), **options),
             TensorLoader(test, args.batch_size, device, **options))
 
 

@@ -18,6 +18,7 @@ import numpy as np
 
 import checkpoints
 import dataset as data
+import distributed
 import figures
 import speed
 from ensembles import member_state, score_ensembles
@@ -100,8 +101,9 @@ def plan(args):
 
 
 def main(args):
-    """Score the ensembles; returns {"table": {name: {...}}, "files": {...}}."""
-    device = resolve_device(args.device)
+    """Score the ensembles; returns {"table": {name: {...}}, "files": {...}} (under torchrun: on
+    rank 0, which scores them all in one test pass; the other ranks return None)."""
+    device = distributed.setup(resolve_device(args.device))
     speed.check_amp(args.amp, device)
     speed.configure(device, args)
     lpips = None
@@ -112,7 +114,8 @@ def main(args):
             raise UserError(f"--lpips: {e}")
     members, ensembles, template, sources, run_args, name = plan(args)
     out_dir = args.dir or os.path.join(os.path.dirname(os.path.abspath(next(iter(sources.values())))), "ensemble")
-    RunDir(out_dir)
+    if distributed.is_main():
+        RunDir(out_dir)
     data.inherit_data_args(args, run_args)
     loss_name, loss_fns = evaluation_losses(args, run_args, device)
     train_loader, test_loader = data.build_loaders(args, device)
@@ -120,10 +123,17 @@ def main(args):
                                speed=args)
     print(f"{len(members)} members, {len(ensembles)} ensembles; BatchNorm re-estimated on "
           f"{args.bn_batches or len(train_loader)} training batches per member; loss {loss_name} on images in [-1, 1]")
-    states = {}
-    for key, (source, t) in members.items():
+    mine = {}  # under torchrun each process re-estimates BatchNorm for its share of the members
+    for key in distributed.share(list(members)):
+        source, t = members[key]
         theta = dict(source.named_parameters()) if t is None else source.to(device).weights(t)
-        states[key] = member_state(evaluator, theta)
+        mine[key] = {k: v.cpu() for k, v in member_state(evaluator, theta).items()}
+    everyone, main = distributed.gather(mine), distributed.is_main()
+    distributed.shutdown()
+    if not main:
+        return None
+    states = {key: {k: v.to(device) for k, v in part[key].items()} for key in members
+              for part in everyone if key in part}
     image_metrics = {"lpips": lpips} if lpips is not None else None
     table = score_ensembles(evaluator.module, states, ensembles, test_loader, loss_fns, image_metrics, args.amp)
     print(format_table(table, loss_name))

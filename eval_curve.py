@@ -9,12 +9,14 @@ training split (--bn_batches caps it to the same first batches at every t), then
 measured on the train and test splits (and LPIPS on the test split). Losses are on images in [-1, 1].
 """
 import os
+import time
 
 import numpy as np
 import torch
 
 import checkpoints
 import dataset as data
+import distributed
 import figures
 import speed
 from losses import LOSSES, LPIPS, LPIPSUnavailable, evaluation_losses
@@ -89,10 +91,11 @@ def load_paths(args):
 
 
 def main(args):
-    """Walk the paths; returns {"paths": {label: walk result}, "files": {role: path}}."""
+    """Walk the paths; returns {"paths": {label: walk result}, "files": {role: path}} (under
+    torchrun: on rank 0; the other ranks return None)."""
     if args.num_points < 2:
         raise UserError(f"--num_points must be at least 2 (both ends), got {args.num_points}")
-    device = resolve_device(args.device)
+    device = distributed.setup(resolve_device(args.device))
     speed.check_amp(args.amp, device)
     speed.configure(device, args)
     torch.manual_seed(args.seed)
@@ -104,7 +107,8 @@ def main(args):
             raise UserError(f"--lpips: {e}")
     paths, ends, sources, run_args, name = load_paths(args)
     out_dir = args.dir or os.path.join(os.path.dirname(os.path.abspath(next(iter(sources.values())))), "eval")
-    RunDir(out_dir)  # fails early, in one line, when it cannot be written
+    if distributed.is_main():
+        RunDir(out_dir)  # fails early, in one line, when it cannot be written
     data.inherit_data_args(args, run_args)
     loss_name, loss_fns = evaluation_losses(args, run_args, device)
     name = f"{name}-{args.num_points}pts" + ("-aligned" if args.align else "")
@@ -128,9 +132,14 @@ def main(args):
     ts = np.linspace(0.0, 1.0, args.num_points)
     print(f"walking {', '.join(paths)} at {args.num_points} points; loss {loss_name} on images in "
           f"[-1, 1]; BatchNorm re-estimated on {args.bn_batches or len(train_loader)} training batches per t")
+    started = time.time()
     results = {label: walk(net.to(device), ts, evaluator, label.split()[0],
                            ensemble=EndEnsembles(loss_fns, evaluator.image_metrics) if args.ensemble else None)
                for label, net in paths.items()}
+    walk_seconds, processes, main = time.time() - started, distributed.world(), distributed.is_main()
+    distributed.shutdown()
+    if not main:
+        return None
 
     curve_label = next((label for label in results if label.startswith("curve")), None)
     segment_label = next((label for label in results if label.startswith("segment")), None)
@@ -141,18 +150,19 @@ def main(args):
         print(summary(label, res, ratio if label == curve_label else None))
 
     files = write_outputs(out_dir, name, args, sources, results, ratio, samples.cpu(), loss_name, lpips,
-                          alignment)
+                          alignment, dict(processes=processes, walk_seconds=walk_seconds))
     print("outputs:\n  " + "\n  ".join(files.values()))
     return {"paths": results, "files": files}
 
 
-def write_outputs(out_dir, name, args, sources, results, ratio, samples, loss_name, lpips, alignment=None):
+def write_outputs(out_dir, name, args, sources, results, ratio, samples, loss_name, lpips, alignment=None,
+                  timing=None):
     base = os.path.join(out_dir, name)
     arrays = {}
     report = {"config": vars(args), "loss": loss_name, "units": "losses on images in [-1, 1]",
               "checkpoints": {k: {"path": os.path.abspath(p), "sha256": file_digest(p)} for k, p in sources.items()},
               "lpips_weights": lpips.source if lpips is not None else None,
-              "length_ratio": ratio, "alignment": alignment, "paths": {}}
+              "length_ratio": ratio, "alignment": alignment, **(timing or {}), "paths": {}}
     for label, res in results.items():
         key = label.split()[0]
         report["paths"][label] = {k: v for k, v in res.items() if k != "recons"}

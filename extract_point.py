@@ -10,6 +10,7 @@ import os
 
 import checkpoints
 import dataset as data
+import distributed
 from paths import update_bn
 from utils import ArgParser, UserError, default_device, file_digest, positive, resolve_device, run_cli
 
@@ -29,6 +30,7 @@ def get_args_parser():
 def main(args):
     if not 0 <= args.t <= 1:
         raise UserError(f"--t must be in [0, 1], got {args.t}")
+    distributed.refuse_several("extract_point.py")
     device = resolve_device(args.device)
     ck = checkpoints.load(args.ckpt, kind="curve", flag="--ckpt")
     data.inherit_data_args(args, ck["args"])

@@ -16,6 +16,7 @@ from types import SimpleNamespace
 
 import checkpoints
 import dataset as data
+import distributed
 import figures
 import speed
 import trainer
@@ -55,6 +56,7 @@ def main(args):
     snapshots_at = trainer.snapshot_epochs(args.cycle, args.epochs)
     if not snapshots_at:
         raise UserError(f"--epochs {args.epochs} ends before the first mid-cycle ({args.cycle // 2}): no snapshot")
+    distributed.refuse_several("fge.py")
     device = resolve_device(args.device)
     speed.check_amp(args.amp, device)
     speed.configure(device, args)

@@ -7,14 +7,13 @@ is rebuilt in place, so a folder holds at most one cache per --max_images settin
 import hashlib
 import os
 import re
-import sys
 
 import torch
 import torchvision.transforms.functional as TF
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from tqdm import tqdm
 
-from utils import UserError, atomic_write, remove_stale_temporaries
+from utils import UserError, atomic_write, remove_stale_temporaries, warn
 
 IMAGE_SIZE = 64
 CACHE_VERSION = 2
@@ -96,7 +95,7 @@ def load_folder(root, max_images=None, num_workers=0, verbose=True):
             reason = f"{', '.join(changed)} changed"
         except Exception:
             reason = "unreadable"
-        print(f"image cache {cache} is stale ({reason}); rebuilding", file=sys.stderr)
+        warn(f"image cache {cache} is stale ({reason}); rebuilding")
 
     images = torch.empty(len(files), 3, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.uint8)
     ok = torch.empty(len(files), dtype=torch.bool)
@@ -107,8 +106,7 @@ def load_folder(root, max_images=None, num_workers=0, verbose=True):
         pos += len(batch)
     if not ok.all():
         bad = [f for f, g in zip(files, ok.tolist()) if not g]
-        print(f"warning: skipped {len(bad)} unreadable image file(s) under {root} "
-              f"(first: {bad[0]})", file=sys.stderr)
+        warn(f"warning: skipped {len(bad)} unreadable image file(s) under {root} (first: {bad[0]})")
         images = images[ok]
     if len(images) == 0:
         raise UserError(f"none of the {len(files)} image files under {root} could be read")
@@ -123,8 +121,7 @@ def _write_cache(root, cache, meta, images):
         with atomic_write(cache) as f:
             torch.save({"meta": meta, "images": images}, f)
     except OSError as e:
-        print(f"warning: cannot write image cache {cache} ({e.strerror}); "
-              "images will be decoded again next run", file=sys.stderr)
+        warn(f"warning: cannot write image cache {cache} ({e.strerror}); images will be decoded again next run")
         return
     remove_stale_temporaries(root, prefix=".cache-")
     for name in os.listdir(root):

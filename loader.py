@@ -1,5 +1,4 @@
 """Batches sliced from an in-memory uint8 image tensor, as float in [-1, 1] on the training device."""
-import math
 
 import torch
 
@@ -37,8 +36,9 @@ class TensorLoader:
     """
 
     def __init__(self, images, batch_size, device="cpu", shuffle=False, seed=0, resident=None,
-                 channels_last=False):
+                 channels_last=False, shard=(0, 1)):
         self.device = torch.device(device)
+        self.shard = shard  # (rank, world): `shares` yields this rank's part of every batch
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.seed = seed
@@ -48,7 +48,9 @@ class TensorLoader:
         self.images = images.to(self.device) if self.resident else images.cpu()
 
     def __len__(self):
-        return math.ceil(len(self.images) / self.batch_size)
+        """Batches per epoch (sharded: a last batch with fewer images than processes is dropped)."""
+        full, rest = divmod(len(self.images), self.batch_size)
+        return full + (rest >= self.shard[1] if rest else 0)
 
     @property
     def num_images(self):
@@ -77,7 +79,23 @@ class TensorLoader:
             torch.index_select(self.images, 0, rows, out=staging)
         return staging.to(self.device, non_blocking=True)
 
+    def shares(self, start=0):
+        """(this rank's part of each batch, the batch's size), from batch `start` on: batch b of the
+        epoch's order (the same whatever the number of processes) split into `world` contiguous,
+        nearly equal parts. Unsharded: every batch whole."""
+        rank, world = self.shard
+        for rows in self._rows(start):
+            size = rows.stop - rows.start if isinstance(rows, slice) else len(rows)
+            lo, hi = rank * size // world, (rank + 1) * size // world
+            mine = slice(rows.start + lo, rows.start + hi) if isinstance(rows, slice) else rows[lo:hi]
+            yield self._batch(mine), size
+
     def batches(self, start=0):
+        """Whole batches (for evaluation, whatever the shard), from batch `start` on."""
+        for rows in self._rows(start):
+            yield self._batch(rows)
+
+    def _rows(self, start):
         order = None
         if self.shuffle:
             gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
@@ -85,9 +103,12 @@ class TensorLoader:
             if self.resident:
                 order = order.to(self.device)
         for i in range(start, len(self)):
-            lo, hi = i * self.batch_size, (i + 1) * self.batch_size
-            batch = to_float(self._fetch(slice(lo, hi) if order is None else order[lo:hi]))
-            yield batch.contiguous(memory_format=torch.channels_last) if self.channels_last else batch
+            lo, hi = i * self.batch_size, min((i + 1) * self.batch_size, len(self.images))
+            yield slice(lo, hi) if order is None else order[lo:hi]
+
+    def _batch(self, rows):
+        batch = to_float(self._fetch(rows))
+        return batch.contiguous(memory_format=torch.channels_last) if self.channels_last else batch
 
     def __iter__(self):
         return self.batches()

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+import distributed
 from speed import autocast, prepare_model
 from trainer import evaluate
 
@@ -156,15 +157,23 @@ def walk(net, ts, evaluator, label="path", verbose=True, ensemble=None):
     path's length, Garipov's statistics of each metric and its barrier heights. With `ensemble`
     (an ensembles.EndEnsembles) the two ends are evaluated first, and every t also gets the
     diversity from each end and the two-member ensembles with each end (diversity_*, ensemble_*).
+
+    Under torchrun the points are shared round-robin between the processes (with `ensemble`, each
+    process evaluates the two ends itself, as its points need their reconstructions); rank 0
+    gathers them and returns the result, the other ranks return None.
     """
     ts = [float(t) for t in ts]
     last = len(ts) - 1
-    order = [0, last, *range(1, last)] if ensemble is not None else list(range(len(ts)))
-    values, seconds = [None] * len(ts), [0.0] * len(ts)
+    main = distributed.is_main()
+    if ensemble is None:
+        mine = distributed.share(list(range(len(ts))))
+    else:
+        mine = [0, last, *distributed.share(list(range(1, last)))]
+    values, seconds = {}, {}
 
     def test_metrics(v):
         return {k[len("test_"):]: x for k, x in v.items() if k.startswith("test_")}
-    for i in tqdm(order, desc=label, leave=False, disable=not verbose):
+    for i in tqdm(mine, desc=label, leave=False, disable=not (verbose and main)):
         started = time.time()
         with torch.no_grad():
             theta = net.weights(ts[i])
@@ -183,10 +192,18 @@ def walk(net, ts, evaluator, label="path", verbose=True, ensemble=None):
                 values[j].update(finish_kept(test_metrics(values[j]), test_metrics(values[0]),
                                              test_metrics(values[last])))
         seconds[i] = time.time() - started
-        if verbose:
+        if verbose and main:
             row = "  ".join(f"{k} {v:.5f}" for k, v in values[i].items() if k.startswith(("train_", "test_")))
             tqdm.write(f"{label:8s} t={ts[i]:.3f}  {row}  {seconds[i]:.1f}s")
-    out = {"ts": ts, "dl": [0.0], "seconds": seconds, "recons": [v.pop("recons") for v in values if "recons" in v]}
+    gathered = distributed.gather((values, seconds))
+    if not main:
+        return None
+    for other_values, other_seconds in reversed(gathered):  # rank 0's own entries win
+        values.update(other_values)
+        seconds.update(other_seconds)
+    values = [values[i] for i in range(len(ts))]
+    out = {"ts": ts, "dl": [0.0], "seconds": [seconds[i] for i in range(len(ts))],
+           "recons": [v.pop("recons") for v in values if "recons" in v]}
     with torch.no_grad():
         vectors = [torch.cat([v.flatten() for v in net.weights(t).values()]) for t in ts[:2]]
         for k in range(1, len(ts)):

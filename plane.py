@@ -18,6 +18,7 @@ import torch
 
 import checkpoints
 import dataset as data
+import distributed
 import figures
 import speed
 import sweep
@@ -96,10 +97,11 @@ def settings(args, sources, loss_name, lpips, device):
 
 
 def main(args):
-    """Evaluate the plane; returns {"metrics": {name: G x G array}, "geometry": {...}, "files": {...}}."""
+    """Evaluate the plane; returns {"metrics": {name: G x G array}, "geometry": {...}, "files": {...}}
+    (under torchrun: on rank 0; the other ranks return None)."""
     if args.grid_points < 2:
         raise UserError(f"--grid_points must be at least 2, got {args.grid_points}")
-    device = resolve_device(args.device)
+    device = distributed.setup(resolve_device(args.device))
     speed.check_amp(args.amp, device)
     speed.configure(device, args)
     lpips = None
@@ -115,7 +117,8 @@ def main(args):
     except DegeneratePlane as e:
         raise UserError(str(e))
     out_dir = args.dir or os.path.join(os.path.dirname(os.path.abspath(next(iter(sources.values())))), "plane")
-    RunDir(out_dir)
+    if distributed.is_main():
+        RunDir(out_dir)
     data.inherit_data_args(args, run_args)
     loss_name, loss_fns = evaluation_losses(args, run_args, device)
     G = args.grid_points
@@ -145,6 +148,10 @@ def main(args):
     metrics, _ = sweep.run(base + ".npz", settings(args, sources, loss_name, lpips, device), points,
                            lambda xy: evaluator(plane.weights(*xy, layout, device)), shape=(G, G),
                            extra=geometry, desc="plane")
+    main = distributed.is_main()
+    distributed.shutdown()
+    if not main:
+        return None
     files = write_outputs(base, args, sources, loss_name, lpips, geometry, metrics, curve is not None, labels)
     for key, values in metrics.items():
         finite = values[np.isfinite(values)]

@@ -69,12 +69,18 @@ def make_scaler(device, amp):
     return torch.amp.GradScaler(device.type) if amp == "fp16" else None
 
 
-def prepare_model(model, speed):
-    """Apply --channels_last (in place) and --compile from `speed` (args or any object with those
-    attributes; None: neither); returns the module to run."""
+def prepare_model(model, speed, data_parallel=False):
+    """Apply --channels_last (in place), wrap the model in DistributedDataParallel when
+    `data_parallel` (training under torchrun), and --compile; returns the module to run. `speed`:
+    args or any object with those attributes (None: neither)."""
     if getattr(speed, "channels_last", False):
         model.to(memory_format=torch.channels_last)
-    return torch.compile(model) if getattr(speed, "compile", False) else model
+    runner = model
+    if data_parallel:
+        device = next(model.parameters()).device
+        runner = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    return torch.compile(runner) if getattr(speed, "compile", False) else runner
 
 
 def accumulator_dtype(device):

@@ -11,6 +11,7 @@ import os
 import numpy as np
 from tqdm import tqdm
 
+import distributed
 from utils import Interrupted, UserError, atomic_write
 
 CONFIG = "sweep_config"
@@ -49,6 +50,8 @@ def run(path, config, points, evaluate, shape=None, extra=None, desc="points", v
     `config`: a JSON-able dict of every setting that changes the results (checked on resume);
     `shape`: how the points are laid out (default: a flat list), the shape of every metric array;
     `extra`: fixed arrays written alongside (coordinates, ...). Non-finite values are kept as NaN.
+    Under torchrun the points are shared round-robin, one per process per round; every process
+    ends with all the results, and rank 0 alone writes the file.
     Returns ({metric: array of `shape`}, done mask of `shape`).
     """
     shape = tuple(shape or (len(points),))
@@ -57,16 +60,24 @@ def run(path, config, points, evaluate, shape=None, extra=None, desc="points", v
     done = saved.get(DONE, np.zeros(shape, dtype=bool)).copy()
     metrics = {k: v.copy() for k, v in saved.items() if k not in (CONFIG, DONE) and k not in (extra or {})}
     todo = [i for i in range(len(points)) if not done.flat[i]]
+    main, world = distributed.is_main(), distributed.world()
     if verbose and len(todo) < len(points):
         print(f"continuing {path}: {len(points) - len(todo)} of {len(points)} points already done")
-    bar = tqdm(total=len(points), initial=len(points) - len(todo), desc=desc, disable=not verbose)
+    bar = tqdm(total=len(points), initial=len(points) - len(todo), desc=desc, disable=not (verbose and main))
     try:
-        for i in todo:
-            for name, value in evaluate(points[i]).items():
-                metrics.setdefault(name, np.full(shape, np.nan)).flat[i] = value
-            done.flat[i] = True
-            save(path, config, done, metrics, extra or {})
-            bar.update(1)
+        for start in range(0, len(todo), world):  # a round: one point per process (torchrun), round-robin
+            batch = todo[start:start + world]
+            mine = batch[distributed.rank()] if distributed.rank() < len(batch) else None
+            result = (mine, evaluate(points[mine]) if mine is not None else None)
+            for i, values in distributed.all_gather(result):
+                if i is None:
+                    continue
+                for name, value in values.items():
+                    metrics.setdefault(name, np.full(shape, np.nan)).flat[i] = value
+                done.flat[i] = True
+            if main:
+                save(path, config, done, metrics, extra or {})
+            bar.update(len(batch))
     except KeyboardInterrupt:
         raise Interrupted(f"interrupted after {int(done.sum())} of {len(points)} points; {path} keeps "
                           "them: rerun the same command to continue")

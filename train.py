@@ -16,18 +16,21 @@ Losses are computed on images in [-1, 1].
 """
 import argparse
 import os
-import sys
+
+import torch
 
 import checkpoints
 import dataset as data
+import distributed
 import speed
 import trainer
 from alignment import add_align_args, align_from_args
 from losses import LOSS_DEFAULTS, LOSSES, build_loss
 from models.autoencoder import ARCH_DEFAULTS, INIT_DEFAULT, INITS, Autoencoder
-from models.curves import connect, curve_name
+from models.curves import T_SAMPLING, TSampler, connect, curve_name
 from paths import update_bn
-from utils import ArgParser, RunDir, UserError, default_device, positive, resolve_device, run_cli, seed_everything
+from utils import (ArgParser, RunDir, UserError, default_device, positive, resolve_device, run_cli,
+                   seed_everything, warn)
 
 
 def get_args_parser():
@@ -61,6 +64,9 @@ def get_args_parser():
     g.add_argument("--wd", type=float, default=1e-6,
                    help="weight decay (for a curve: 0.5 * wd * ||theta(t)||^2 added to the loss)")
     speed.add_speed_args(p)
+    p.add_argument("--sync_bn", action="store_true",
+                   help="under torchrun on CUDA: BatchNorm statistics over the whole batch (SyncBatchNorm); "
+                        "for a curve only with --t_sampling shared")
     g = p.add_argument_group("curve (default: from the checkpoint when resuming)")
     g.add_argument("--curve", type=curve_name, default=None, help="Bezier or PolyChain: train a curve")
     g.add_argument("--num_bends", type=positive(int), default=None, help="bends including both ends (3)")
@@ -72,6 +78,9 @@ def get_args_parser():
                    help="do not place the interior bends on the segment between the ends")
     g.add_argument("--midpoint_bn_batches", type=positive(int), default=10,
                    help="training batches for BatchNorm at t = 0.5 in the per-epoch report (10)")
+    g.add_argument("--t_sampling", choices=T_SAMPLING, default=None,
+                   help="under torchrun, how the processes draw t: one shared t per step, one per process, "
+                        "or stratified: process r of R in [r/R, (r+1)/R) (default: stratified)")
     g.add_argument("--align", action="store_true",
                    help="connect the start to the end with the end's units permuted to match the start's "
                         "(see align.py; the curve records the permutations)")
@@ -114,8 +123,8 @@ def build_curve(args, resume, train_loader):
     if len(saved) == 2:
         checkpoints.check_same_architecture([ck["model_config"] for ck in saved.values()], list(given.values()))
     else:
-        print("warning: without --init_start and --init_end the ends of the curve start from the "
-              f"--conv_init {args.conv_init} initialisation", file=sys.stderr)
+        warn("warning: without --init_start and --init_end the ends of the curve start from the "
+             f"--conv_init {args.conv_init} initialisation")
     arch = checkpoints.resolve_settings(args, next(iter(saved.values()))["model_config"] if saved else None,
                                         ARCH_DEFAULTS)
     base = Autoencoder(**arch, conv_init=args.conv_init)  # the first draw after seeding
@@ -148,14 +157,15 @@ def open_tensorboard(args):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        print("note: --tensorboard needs the tensorboard package (pip install tensorboard); "
-              "logging to log.jsonl only", file=sys.stderr)
+        warn("note: --tensorboard needs the tensorboard package (pip install tensorboard); "
+             "logging to log.jsonl only")
         return None
     return SummaryWriter(log_dir=os.path.join(args.dir, "tensorboard"))
 
 
 def main(args):
-    device = resolve_device(args.device)
+    device = distributed.setup(resolve_device(args.device))
+    several = distributed.world() > 1
     speed.check_amp(args.amp, device)
     speed.configure(device, args)
     resume = checkpoints.load(args.resume, flag="--resume") if args.resume else None
@@ -168,39 +178,52 @@ def main(args):
     saved_args = resume["args"] if resume else None
     run_cfg = checkpoints.resolve_settings(args, saved_args, LOSS_DEFAULTS)
     args.loss_function, args.num_filters = run_cfg["loss_function"], run_cfg["num_filters"]
+    args.t_sampling = args.t_sampling or (saved_args or {}).get("t_sampling") or "stratified"
+    if args.sync_bn and not (several and device.type == "cuda"):
+        raise UserError("--sync_bn needs several processes on CUDA (torchrun --nproc-per-node G ... --device cuda)")
+    if args.sync_bn and is_curve and args.t_sampling != "shared":
+        raise UserError("--sync_bn averages BatchNorm statistics over processes, which only makes sense when "
+                        "they all run the same point of the curve: add --t_sampling shared")
     check_run_dir(args)
-    run = RunDir(args.dir)
+    run = RunDir(args.dir) if distributed.is_main() else None
     loss_fn = build_loss(args.loss_function, args.num_filters).to(device)
 
-    seed_everything(args.seed)
-    train_loader, test_loader = data.build_loaders(args, device)
+    seed_everything(args.seed + 1_000_003 * distributed.rank())  # noise and dropout differ between processes
+    train_loader, test_loader = data.build_loaders(args, device, shard=True)
     model, model_config, curve_config = (build_curve(args, resume, train_loader) if is_curve
                                          else build_endpoint(args, resume))
     for k, v in {**model_config, **(curve_config or {})}.items():
         if hasattr(args, k):
             setattr(args, k, v)
+    t_sampler = None
+    if is_curve and several:
+        model.t_sampler = t_sampler = TSampler(args.t_sampling, args.seed, distributed.rank(), distributed.world(), device)
+    if resume:
+        model.load_state_dict(resume["state_dict"])
+    if args.sync_bn:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device)
-    runner = speed.prepare_model(model, args)  # channels_last / torch.compile
+    runner = speed.prepare_model(model, args, data_parallel=several)  # channels_last / DDP / torch.compile
     scaler = speed.make_scaler(device, args.amp)
     # a curve's weight decay is the explicit 0.5 * wd * ||theta(t)||^2 term, not the optimizer's
     optimizer = trainer.make_optimizer(args, [p for p in model.parameters() if p.requires_grad],
                                        0.0 if is_curve else args.wd, device)
     curve_wd = args.wd if is_curve else 0.0
-    run.save_args(args)
+    if run is not None:
+        run.save_args(args)
     if args.verbose:
         print(model)
         print(vars(args))
 
     epoch, position = 0, None
     if resume:
-        model.load_state_dict(resume["state_dict"])
         trainer.load_optimizer_state(optimizer, resume["optimizer"])
         if scaler is not None and resume.get("scaler"):
             scaler.load_state_dict(resume["scaler"])
         epoch = resume["epoch"]
         if resume.get("batch", 0) > 0:
             position = resume["sums"]
-        checkpoints.set_rng_state(resume["rng"], device)
+        checkpoints.set_run_rng_state(resume["rng"], device, t_sampler)
         print(f"resuming {args.resume} at epoch {epoch + 1}"
               + (f", batch {position['batches']}" if position else ""))
     if epoch >= args.epochs:
@@ -209,19 +232,22 @@ def main(args):
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     what = (f"{curve_config['curve']} curve, {curve_config['num_bends']} bends: " if is_curve else "")
     print(f"{what}{n_params:,} trainable parameters; {train_loader.num_images} train / {test_loader.num_images} "
-          f"test images; loss {args.loss_function} on [-1, 1] images; device {device}")
+          f"test images; loss {args.loss_function} on [-1, 1] images; device {device}"
+          + (f"; {distributed.world()} processes, batches of {args.batch_size} shared"
+             + (f", t {args.t_sampling}" if is_curve else "") if several else ""))
 
-    def checkpoint(epoch, sums=None):
+    def checkpoint(epoch, sums=None):  # every process calls it: the random states are gathered
         return dict(kind="curve" if is_curve else "autoencoder", model_config=model_config,
                     curve_config=curve_config,
                     state_dict=model.state_dict(), optimizer=optimizer.state_dict(),
                     scaler=scaler.state_dict() if scaler is not None else None,
                     epoch=epoch, batch=sums["batches"] if sums else 0, sums=sums,
-                    args=vars(args), rng=checkpoints.rng_state(device))
+                    args=vars(args), rng=checkpoints.run_rng_state(device, t_sampler))
 
-    def evaluate():
+    def evaluate():  # rank 0 alone: the plain model, not the data-parallel wrapper
         if not is_curve:
-            return trainer.evaluate(runner, test_loader, {"loss": loss_fn}, amp=args.amp)["loss"], {}, runner
+            module = model if several else runner
+            return trainer.evaluate(module, test_loader, {"loss": loss_fn}, amp=args.amp)["loss"], {}, module
         # the midpoint, BatchNorm re-estimated on a fixed subset of training batches
         midpoint = model.point_at(0.5)
         with speed.autocast(device, args.amp):
@@ -229,7 +255,7 @@ def main(args):
         test_loss = trainer.evaluate(midpoint, test_loader, {"loss": loss_fn}, amp=args.amp)["loss"]
         return test_loss, {"test_loss_at": "t=0.5"}, midpoint
 
-    writer = open_tensorboard(args)
+    writer = open_tensorboard(args) if run is not None else None
     trainer.fit(model=model, runner=runner, optimizer=optimizer, loss_fn=loss_fn, train_loader=train_loader,
                 test_loader=test_loader, run=run, epochs=args.epochs, checkpoint=checkpoint, evaluate=evaluate,
                 lr_at=lambda epoch, fraction: trainer.learning_rate(args.lr, epoch, args.epochs),
@@ -237,6 +263,7 @@ def main(args):
                 amp=args.amp, scaler=scaler, save_freq=args.save_freq, save_final=args.save_final, writer=writer)
     if writer is not None:
         writer.close()
+    distributed.shutdown()
     print(f"done: checkpoints in {args.dir}")
 
 

@@ -1,5 +1,6 @@
 """Training: the epoch loop of a run (resumable, interruptible), one epoch, evaluation, the
 optimizer and the learning-rate schedules."""
+import math
 import os
 import time
 
@@ -7,6 +8,7 @@ import torch
 from tqdm import tqdm
 
 import checkpoints
+import distributed
 import figures
 from speed import accumulator_dtype, autocast
 from utils import Interrupted, StopRequest, UserError
@@ -74,6 +76,13 @@ def set_learning_rate(optimizer, lr):
         group["lr"] = lr
 
 
+def unwrap(module):
+    """The module inside DistributedDataParallel and torch.compile wrappers."""
+    while hasattr(module, "module") or hasattr(module, "_orig_mod"):
+        module = getattr(module, "module", None) or module._orig_mod
+    return module
+
+
 def train_one_epoch(model, loader, optimizer, loss_fn, *, noise_std=0.0, curve_wd=0.0, amp="none",
                     scaler=None, start=0, sums=None, stop=None, lr_at=None, desc="train", verbose=True):
     """One pass over `loader` (denoising: input + N(0, noise_std^2), loss against the clean image).
@@ -84,25 +93,36 @@ def train_one_epoch(model, loader, optimizer, loss_fn, *, noise_std=0.0, curve_w
     `start`/`sums` continue a partly done epoch; when `stop.requested` turns true the epoch ends
     early. `amp` runs the forward pass in mixed precision (the loss is computed in float32);
     `scaler` is the gradient scaler fp16 needs. `lr_at(fraction)`, when given, sets the learning
-    rate before every step from how far into the epoch it is. Returns the accumulators:
-    {"loss_sum", "reg_sum", "count", "batches"}.
+    rate before every step from how far into the epoch it is. Returns the accumulators, summed
+    over all processes: {"loss_sum", "reg_sum", "count", "batches"}.
+
+    Under torchrun (a DistributedDataParallel `model`, a sharded `loader`) each process trains on
+    its part of every batch; its loss is weighted by its part's share of the batch, so the
+    averaged gradient is that of the whole batch's mean loss. The processes agree on stopping
+    (Ctrl-C, non-finite loss) at the periodic syncs.
     """
     model.train()
     device = loader.device
-    if sums is None:
-        sums = {"loss_sum": 0.0, "reg_sum": 0.0, "count": 0, "batches": 0}
-    loss_sum = torch.tensor(float(sums["loss_sum"]), device=device, dtype=accumulator_dtype(device))
-    reg_sum = torch.tensor(float(sums["reg_sum"]), device=device, dtype=accumulator_dtype(device))
-    count, done = sums["count"], start
+    inner = unwrap(model)
+    world = distributed.world()
+    if sums is None or not distributed.is_main():  # a resumed epoch's sums live on rank 0
+        sums = {"loss_sum": 0.0, "reg_sum": 0.0, "count": 0, "batches": sums["batches"] if sums else 0}
+    dtype = accumulator_dtype(device)
+    totals = torch.tensor([sums["loss_sum"], sums["reg_sum"], sums["count"], 0.0], device=device, dtype=dtype)
+    done = start
     bar = tqdm(total=len(loader), initial=start, desc=desc, leave=False, disable=not verbose)
 
     def snapshot():
-        finite = torch.isfinite(loss_sum + reg_sum).item()
-        if not finite:
+        """Everyone's sums (one all-reduce under torchrun) and whether anyone was asked to stop."""
+        now = totals.clone()
+        now[3] = float(stop is not None and stop.requested)
+        distributed.all_reduce_sum(now)
+        loss_sum, reg_sum, count, stopping = now.tolist()  # the one host sync
+        if not (math.isfinite(loss_sum) and math.isfinite(reg_sum)):
             raise NonFiniteLoss(f"batch {done}")
-        return {"loss_sum": loss_sum.item(), "reg_sum": reg_sum.item(), "count": count, "batches": done}
+        return {"loss_sum": loss_sum, "reg_sum": reg_sum, "count": int(count), "batches": done}, stopping > 0
 
-    for x in loader.batches(start):
+    for x, batch_size in loader.shares(start):
         if lr_at is not None:
             set_learning_rate(optimizer, lr_at(done / len(loader)))
         noisy = x + noise_std * torch.randn_like(x) if noise_std > 0 else x
@@ -111,9 +131,11 @@ def train_one_epoch(model, loader, optimizer, loss_fn, *, noise_std=0.0, curve_w
         loss = loss_fn(out.float(), x)
         total = loss
         if curve_wd > 0:
-            reg = 0.5 * curve_wd * model.sq_norm
+            reg = 0.5 * curve_wd * inner.sq_norm
             total = loss + reg
-            reg_sum += reg.detach() * len(x)
+            totals[1] += reg.detach() * len(x)
+        if world > 1:
+            total = total * (len(x) * world / batch_size)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(total).backward()
@@ -122,17 +144,19 @@ def train_one_epoch(model, loader, optimizer, loss_fn, *, noise_std=0.0, curve_w
         else:
             total.backward()
             optimizer.step()
-        loss_sum += loss.detach() * len(x)
-        count += len(x)
+        totals[0] += loss.detach() * len(x)
+        totals[2] += len(x)
         done += 1
         bar.update(1)
         if done % FINITE_CHECK_EVERY == 0:
-            snap = snapshot()
-            bar.set_postfix(loss=f"{snap['loss_sum'] / count:.4f}")
-        if stop is not None and stop.requested:
+            snap, stopping = snapshot()
+            bar.set_postfix(loss=f"{snap['loss_sum'] / snap['count']:.4f}")
+            if stopping:
+                break
+        elif world == 1 and stop is not None and stop.requested:
             break
     bar.close()
-    return snapshot()
+    return snapshot()[0]
 
 
 @torch.no_grad()
@@ -171,9 +195,12 @@ def fit(*, model, runner, optimizer, loss_fn, train_loader, test_loader, run, ep
     checkpoint-last.pt and every `save_freq` epochs checkpoint-<epoch>.pt, each the dict
     `checkpoint(epoch, sums)` returns, written atomically; then `on_epoch_end(epoch, state)`.
     Ctrl-C ends the current step, saves a resumable checkpoint-last.pt and raises Interrupted; a
-    non-finite loss stops with the last good checkpoint kept.
+    non-finite loss stops with the last good checkpoint kept. Under torchrun every process trains
+    and calls `checkpoint` (which may gather from all of them); rank 0 alone evaluates, prints
+    and writes (`run` may be None elsewhere).
     """
-    last = run.file("checkpoint-last.pt")
+    main = distributed.is_main()
+    last = run.file("checkpoint-last.pt") if main else None
     sample = next(iter(test_loader))[:8]
     epoch = start_epoch
     with StopRequest().installed() as stop:
@@ -184,42 +211,53 @@ def fit(*, model, runner, optimizer, loss_fn, train_loader, test_loader, run, ep
                 sums = train_one_epoch(
                     runner, train_loader, optimizer, loss_fn, noise_std=noise_std, curve_wd=curve_wd, amp=amp,
                     scaler=scaler, start=position["batches"] if position else 0, sums=position, stop=stop,
-                    lr_at=lambda fraction: lr_at(epoch, fraction), desc=f"epoch {epoch + 1}/{epochs}")
+                    lr_at=lambda fraction: lr_at(epoch, fraction), desc=f"epoch {epoch + 1}/{epochs}",
+                    verbose=main)
             except NonFiniteLoss as e:
-                kept = f"the last good checkpoint is {last}" if os.path.exists(last) else "no checkpoint was written"
+                kept = f"the last good checkpoint is {last}" if last and os.path.exists(last) else \
+                    "no checkpoint was written"
                 raise UserError(f"the training loss became non-finite in epoch {epoch + 1} ({e}); "
                                 f"stopped, {kept}; try a lower --lr")
             position = None
-            if sums["batches"] < len(train_loader):  # Ctrl-C mid-epoch
-                checkpoints.save(last, checkpoint(epoch, sums))
+            if sums["batches"] < len(train_loader):  # Ctrl-C mid-epoch (agreed by every process)
+                state = checkpoint(epoch, sums)
+                if main:
+                    checkpoints.save(last, state)
                 raise Interrupted(f"interrupted in epoch {epoch + 1} at batch {sums['batches']}; "
                                   f"resume with --resume {last}")
-            train_loss = sums["loss_sum"] / sums["count"]
-            test_loss, extra, evaluated = evaluate()
             lr = lr_at(epoch, 0.0)
             epoch += 1
-            record = dict(epoch=epoch, lr=lr, train_loss=train_loss, test_loss=test_loss, **extra)
-            if curve_wd > 0:
-                record["reg"] = sums["reg_sum"] / sums["count"]
-            record["time"] = round(time.time() - started, 2)
-            reg = f"  reg {record['reg']:.5f}" if "reg" in record else ""
-            at = f"@{extra['test_loss_at']}" if "test_loss_at" in extra else ""
-            print(f"epoch {epoch:4d}/{epochs}  lr {lr:.2e}  train {train_loss:.5f}{reg}  "
-                  f"test{at} {test_loss:.5f}  {record['time']:.1f}s", flush=True)
-            run.log(record)
-            if writer is not None:
-                for k in ("lr", "train_loss", "test_loss"):
-                    writer.add_scalar(k, record[k], epoch)
-            evaluated.eval()
-            with torch.no_grad():
-                recon = evaluated(sample)
-            os.makedirs(run.file("recon"), exist_ok=True)
-            figures.save_rows([sample, recon], run.file(f"recon/epoch-{epoch:03d}.png"))
+            if main:
+                _report(run, writer, epoch, epochs, lr, sums, curve_wd, evaluate, sample, started)
             state = checkpoint(epoch, None)
-            checkpoints.save(last, state)
-            if epoch % save_freq == 0 or (epoch == epochs and save_final):
-                checkpoints.save(run.file(f"checkpoint-{epoch}.pt"), state)
-            if on_epoch_end is not None:
-                on_epoch_end(epoch, state)
-            if stop.requested and epoch < epochs:
+            if main:
+                checkpoints.save(last, state)
+                if epoch % save_freq == 0 or (epoch == epochs and save_final):
+                    checkpoints.save(run.file(f"checkpoint-{epoch}.pt"), state)
+                if on_epoch_end is not None:
+                    on_epoch_end(epoch, state)
+            if distributed.any_rank(stop.requested, train_loader.device) and epoch < epochs:
                 raise Interrupted(f"interrupted after epoch {epoch}; resume with --resume {last}")
+
+
+def _report(run, writer, epoch, epochs, lr, sums, curve_wd, evaluate, sample, started):
+    """Evaluate after an epoch; one printed line, one log line, the reconstructions' PNG."""
+    test_loss, extra, evaluated = evaluate()
+    train_loss = sums["loss_sum"] / sums["count"]
+    record = dict(epoch=epoch, lr=lr, train_loss=train_loss, test_loss=test_loss, **extra)
+    if curve_wd > 0:
+        record["reg"] = sums["reg_sum"] / sums["count"]
+    record["time"] = round(time.time() - started, 2)
+    reg = f"  reg {record['reg']:.5f}" if "reg" in record else ""
+    at = f"@{extra['test_loss_at']}" if "test_loss_at" in extra else ""
+    print(f"epoch {epoch:4d}/{epochs}  lr {lr:.2e}  train {train_loss:.5f}{reg}  "
+          f"test{at} {test_loss:.5f}  {record['time']:.1f}s", flush=True)
+    run.log(record)
+    if writer is not None:
+        for k in ("lr", "train_loss", "test_loss"):
+            writer.add_scalar(k, record[k], epoch)
+    evaluated.eval()
+    with torch.no_grad():
+        recon = evaluated(sample)
+    os.makedirs(run.file("recon"), exist_ok=True)
+    figures.save_rows([sample, recon], run.file(f"recon/epoch-{epoch:03d}.png"))

@@ -39,13 +39,13 @@ def run_cli(main, parser, argv=None):
     try:
         main(args)
     except Interrupted as e:
-        print(f"{parser.prog}: {e}", file=sys.stderr)
+        warn(f"{parser.prog}: {e}")
         sys.exit(e.exit_code)
-    except UserError as e:
-        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+    except UserError as e:  # under torchrun every process meets the same error: rank 0 says it
+        warn(f"{parser.prog}: error: {e}")
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
-        print(f"{parser.prog}: interrupted", file=sys.stderr)
+        warn(f"{parser.prog}: interrupted")
         sys.exit(130)
 
 
@@ -61,6 +61,17 @@ def positive(kind):
         return value
     parse.__name__ = f"positive {kind.__name__}"
     return parse
+
+
+def is_rank_zero():
+    """Whether this is the main process (always, unless torchrun started several)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def warn(message):
+    """One line on stderr, from the main process only."""
+    if is_rank_zero():
+        print(message, file=sys.stderr)
 
 
 def seed_everything(seed):

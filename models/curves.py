@@ -109,6 +109,7 @@ class CurveNet(nn.Module):
         self.bends[0].requires_grad_(not fix_start)
         self.bends[-1].requires_grad_(not fix_end)
         self.sq_norm = None
+        self.t_sampler = None  # how forward draws t when none is given (None: U(0, 1), global RNG)
 
     def bend_parameters(self, name):
         return [bend.get_parameter(name) for bend in self.bends]
@@ -157,7 +158,7 @@ class CurveNet(nn.Module):
         0.5 * wd * ||theta(t)||^2 of the sampled point (Garipov's CurveNet.l2).
         """
         if t is None:
-            t = torch.rand((), device=x.device)
+            t = torch.rand((), device=x.device) if self.t_sampler is None else self.t_sampler(x.device)
         theta = self.weights(t)
         self.sq_norm = sum(p.pow(2).sum() for p in theta.values())
         return functional_call(self.base, theta, (x,))
@@ -172,6 +173,34 @@ class CurveNet(nn.Module):
             module, attr = _split(n)
             model.get_submodule(module).register_parameter(attr, nn.Parameter(value.detach().clone()))
         return model
+
+
+T_SAMPLING = ("shared", "per_rank", "stratified")
+
+
+class TSampler:
+    """How the processes of a torchrun run draw t for a training step (Garipov's loss is the
+    expectation over t ~ U(0, 1)): "shared", one t for the whole batch as a single process draws;
+    "per_rank", an independent t per process; "stratified", process r of R draws t in
+    [r / R, (r + 1) / R), so every step averages the gradient over the whole curve. A generator of
+    its own, on the device, seeded from the run's seed (and the rank, unless shared)."""
+
+    def __init__(self, mode, seed, rank, world, device):
+        if mode not in T_SAMPLING:
+            raise ValueError(f"t sampling must be one of {T_SAMPLING}, got {mode!r}")
+        self.mode, self.rank, self.world = mode, rank, world
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(seed if mode == "shared" else seed * 1_000_003 + rank)
+
+    def __call__(self, device):
+        u = torch.rand((), generator=self.generator, device=device)
+        return (self.rank + u) / self.world if self.mode == "stratified" else u
+
+    def get_state(self):
+        return self.generator.get_state()
+
+    def set_state(self, state):
+        self.generator.set_state(state)
 
 
 def connect(start, end, curve=PolyChain, num_bends=2, fix_start=True, fix_end=True, init_linear=True,

@@ -27,6 +27,8 @@ def test_harness_runs_and_derives_its_ratios_from_its_measurements(tmp_path):
     point = results["eval_point"]
     assert point["point_over_bare"] == point["point_s"] / point["bare_passes_s"]
     assert point["plane_point_over_bare"] == point["plane_point_s"] / point["bare_passes_s"]
+    spread = results["distributed_eval"]
+    assert spread["two_over_one"] == pytest.approx(spread["two_processes_points_per_s"] / spread["one_process_points_per_s"])
     alignment = results["alignment"]
     assert all(0 <= alignment[f"{k}_distance_after_over_before"] <= 1 for k in ("planted", "independent"))
     assert point["lpips_point_over_point"] == point["point_lpips_s"] / point["point_s"]

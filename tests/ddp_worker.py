@@ -1,0 +1,69 @@
+"""Run by tests/test_distributed.py under torchrun: a few training steps of the library's own loop
+(trainer.train_one_epoch on a DistributedDataParallel model and a sharded loader), then rank 0
+saves what the test compares with a single-process reference.
+
+    python -m torch.distributed.run --standalone --nproc-per-node 2 tests/ddp_worker.py MODE OUT
+
+MODE: endpoint | shared | per_rank | stratified (a 3-bend Bezier curve with that t sampling).
+"""
+import os
+import sys
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import distributed  # noqa: E402
+import speed  # noqa: E402
+import trainer  # noqa: E402
+from loader import TensorLoader  # noqa: E402
+from models.curves import TSampler, connect  # noqa: E402
+from synthetic import synthetic_faces  # noqa: E402
+from torch import nn  # noqa: E402
+
+IMAGES, BATCH, WD = 64, 16, 1e-3
+
+
+def build(mode):
+    """The model every process (and the reference) starts from: seeded, dropout off."""
+    from models.autoencoder import Autoencoder
+    torch.manual_seed(0)
+    ends = [Autoencoder(in_filters=4, latent_dim=8) for _ in range(2)]
+    model = ends[0] if mode == "endpoint" else connect(ends[0], ends[1], "Bezier", 3)
+    if mode != "endpoint":
+        with torch.no_grad():  # the middle bend off the segment, so t matters
+            for p in model.bends[1].parameters():
+                p.add_(0.05 * torch.randn_like(p))
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+    return model
+
+
+def main(mode, out):
+    device = distributed.setup(torch.device("cpu"))
+    rank, world = distributed.rank(), distributed.world()
+    model = build(mode)
+    drawn = []
+    if mode != "endpoint":
+        sampler = TSampler(mode, seed=5, rank=rank, world=world, device=device)
+
+        def recording(device):
+            t = sampler(device)
+            drawn.append(float(t))
+            return t
+        model.t_sampler = recording
+    loader = TensorLoader(synthetic_faces(IMAGES), BATCH, shuffle=True, seed=3, shard=(rank, world))
+    runner = speed.prepare_model(model, None, data_parallel=True)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
+    trainer.train_one_epoch(runner, loader, optimizer, nn.L1Loss(), curve_wd=0.0 if mode == "endpoint" else WD,
+                            verbose=False)
+    ts = distributed.gather(drawn)
+    if distributed.is_main():
+        torch.save({"params": {n: p.detach() for n, p in model.named_parameters()}, "ts": ts}, out)
+    distributed.shutdown()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
