@@ -84,6 +84,28 @@ def plot_ensembles(table, loss_name, path, title=None):
     fig.savefig(path)
 
 
+def plot_loss_grid(rows, path):
+    """One small panel per (loss, pair of inits): test loss against t along every path evaluated."""
+    losses = list(dict.fromkeys(r["loss"] for r in rows))
+    pairs = list(dict.fromkeys((r["start"], r["end"]) for r in rows))
+    fig = Figure(figsize=(3.2 * len(pairs), 2.6 * len(losses)), dpi=110)
+    axes = fig.subplots(len(losses), len(pairs), squeeze=False)
+    for row in rows:
+        ax = axes[losses.index(row["loss"])][pairs.index((row["start"], row["end"]))]
+        for label, walk in row["walks"].items():
+            key = "aligned" if label.startswith("aligned") else label.split()[0]
+            ax.plot(walk["ts"], walk["test_loss"], "-", marker="o", markersize=2, color=COLOURS.get(key),
+                    label=label)
+        ax.set_title(f"{row['loss']}: {row['start']} / {row['end']}", fontsize=8)
+        ax.set_xlabel("t", fontsize=7)
+        ax.set_ylabel(f"test {row['loss']} loss", fontsize=7)
+        ax.tick_params(labelsize=6)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
 def save_rows(rows, path):
     """Save image rows (each (K, 3, H, W) in [-1, 1]) as one PNG grid, a row per tensor."""
     vutils.save_image(torch.cat(rows).float().cpu(), path, nrow=len(rows[0]), normalize=True,
