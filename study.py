@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 
+import distributed
 import figures
 import studies
 from losses import LOSSES
@@ -81,6 +82,7 @@ def settings_from(args):
 
 
 def main(args):
+    distributed.refuse_several("study.py")
     settings = settings_from(args)
     stages = studies.plan(args.dir, settings)
     if args.print_commands:
