@@ -22,7 +22,7 @@ import distributed
 import figures
 import speed
 from ensembles import member_state, score_ensembles
-from losses import LOSSES, LPIPS, LPIPSUnavailable, evaluation_losses
+from losses import add_loss_args, add_lpips_args, evaluation_losses, lpips_from_args
 from models.curves import connect
 from paths import PointEvaluator
 from utils import (ArgParser, RunDir, UserError, atomic_write, default_device, file_digest, output_stem,
@@ -48,12 +48,10 @@ def get_args_parser():
     p.add_argument("--ckpts", nargs="+", default=None, metavar="CKPT",
                    help="instead of --ckpt: separately trained autoencoders, joining in this order")
     p.add_argument("--dir", default=None, help="output folder (default: <checkpoint folder>/ensemble)")
-    p.add_argument("--lpips", action="store_true", help="also LPIPS (AlexNet) of members and ensembles")
-    p.add_argument("--lpips_weights", default=None, help="AlexNet weights file for LPIPS (see README)")
+    add_lpips_args(p, "also LPIPS (AlexNet) of members and ensembles")
     p.add_argument("--bn_batches", type=positive(int), default=None,
                    help="training batches for each member's BatchNorm re-estimation (default: all)")
-    p.add_argument("--loss_function", choices=LOSSES, default=None, help="default: the run's loss")
-    p.add_argument("--num_filters", type=positive(int), default=None, help="pyramid levels (the run's)")
+    add_loss_args(p)
     p.add_argument("--device", default=default_device())
     speed.add_speed_args(p)
     data.add_data_args(p, inherit=True)
@@ -106,12 +104,7 @@ def main(args):
     device = distributed.setup(resolve_device(args.device))
     speed.check_amp(args.amp, device)
     speed.configure(device, args)
-    lpips = None
-    if args.lpips:
-        try:
-            lpips = LPIPS(args.lpips_weights).to(device)
-        except LPIPSUnavailable as e:
-            raise UserError(f"--lpips: {e}")
+    lpips = lpips_from_args(args, device)
     members, ensembles, template, sources, run_args, name = plan(args)
     out_dir = args.dir or os.path.join(os.path.dirname(os.path.abspath(next(iter(sources.values())))), "ensemble")
     if distributed.is_main():

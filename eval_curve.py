@@ -19,7 +19,7 @@ import dataset as data
 import distributed
 import figures
 import speed
-from losses import LOSSES, LPIPS, LPIPSUnavailable, evaluation_losses
+from losses import add_loss_args, add_lpips_args, evaluation_losses, lpips_from_args
 from alignment import add_align_args, align_from_args
 from ensembles import EndEnsembles
 from models.curves import connect, curve_name
@@ -49,13 +49,11 @@ def get_args_parser():
     p.add_argument("--align", action="store_true",
                    help="also walk the segment from the start to the end with its units permuted to "
                         "match the start's (see align.py and the alignment flags)")
-    p.add_argument("--lpips", action="store_true", help="also mean LPIPS (AlexNet) over the test split")
-    p.add_argument("--lpips_weights", default=None, help="AlexNet weights file for LPIPS (see README)")
+    add_lpips_args(p, "also mean LPIPS (AlexNet) over the test split")
     p.add_argument("--bn_batches", type=positive(int), default=None,
                    help="training batches for BatchNorm re-estimation at each t (default: all)")
     p.add_argument("--num_images", type=positive(int), default=4, help="test images in the GIFs (4)")
-    p.add_argument("--loss_function", choices=LOSSES, default=None, help="default: the run's loss")
-    p.add_argument("--num_filters", type=positive(int), default=None, help="pyramid levels (the run's)")
+    add_loss_args(p)
     p.add_argument("--device", default=default_device())
     p.add_argument("--seed", type=int, default=1)
     add_align_args(p)
@@ -99,12 +97,7 @@ def main(args):
     speed.check_amp(args.amp, device)
     speed.configure(device, args)
     torch.manual_seed(args.seed)
-    lpips = None
-    if args.lpips:  # fail at start, before any work, when no real backbone can be had
-        try:
-            lpips = LPIPS(args.lpips_weights).to(device)
-        except LPIPSUnavailable as e:
-            raise UserError(f"--lpips: {e}")
+    lpips = lpips_from_args(args, device)
     paths, ends, sources, run_args, name = load_paths(args)
     out_dir = args.dir or os.path.join(os.path.dirname(os.path.abspath(next(iter(sources.values())))), "eval")
     if distributed.is_main():

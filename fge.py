@@ -21,7 +21,7 @@ import figures
 import speed
 import trainer
 from ensembles import member_state, score_ensembles
-from losses import LPIPS, LPIPSUnavailable, build_loss, evaluation_losses
+from losses import add_lpips_args, build_loss, evaluation_losses, lpips_from_args
 from paths import PointEvaluator
 from utils import (ArgParser, RunDir, UserError, default_device, file_digest, positive, resolve_device,
                    run_cli, seed_everything, write_json)
@@ -40,8 +40,7 @@ def get_args_parser():
     p.add_argument("--resume", default=None, metavar="CKPT", help="continue the FGE run saved in CKPT")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--device", default=default_device())
-    p.add_argument("--lpips", action="store_true", help="also LPIPS (AlexNet) in the ensemble table")
-    p.add_argument("--lpips_weights", default=None, help="AlexNet weights file for LPIPS (see README)")
+    add_lpips_args(p, "also LPIPS (AlexNet) in the ensemble table")
     p.add_argument("--bn_batches", type=positive(int), default=None,
                    help="training batches for each snapshot's BatchNorm re-estimation in the table (all)")
     speed.add_speed_args(p)
@@ -67,12 +66,7 @@ def main(args):
         raise UserError(f"{args.dir} already holds a run; continue it with --resume "
                         f"{os.path.join(args.dir, 'checkpoint-last.pt')} or choose a new --dir")
     source = checkpoints.load(args.ckpt, kind="autoencoder", flag="--ckpt")
-    lpips = None
-    if args.lpips:
-        try:
-            lpips = LPIPS(args.lpips_weights).to(device)
-        except LPIPSUnavailable as e:
-            raise UserError(f"--lpips: {e}")
+    lpips = lpips_from_args(args, device)
     run_args = source["args"] or {}
     settings = SimpleNamespace(**{k: run_args.get(k) for k in OPTIMIZER})
     lr_1 = args.lr_1 or settings.lr

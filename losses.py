@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from utils import file_digest
+from utils import UserError, file_digest, positive
 
 LOSSES = ("mae", "laplacian")
 LOSS_DEFAULTS = dict(loss_function="mae", num_filters=5)  # what a run optimises, unless told
@@ -97,6 +97,12 @@ def build_loss(name=LOSS_DEFAULTS["loss_function"], num_filters=LOSS_DEFAULTS["n
     raise ValueError(f"unknown loss {name!r}; choose from {LOSSES}")
 
 
+def add_loss_args(p):
+    """--loss_function and --num_filters of an evaluation (read by evaluation_losses)."""
+    p.add_argument("--loss_function", choices=LOSSES, default=None, help="default: the run's loss")
+    p.add_argument("--num_filters", type=positive(int), default=None, help="pyramid levels (the run's)")
+
+
 def evaluation_losses(args, run_args, device):
     """The losses an evaluation reports, named as in its outputs: {"loss": the run's loss (or
     --loss_function / --num_filters when given), "l1": L1 too when that loss is not L1}.
@@ -126,6 +132,22 @@ LPIPS_OPTIONS = (
 
 class LPIPSUnavailable(Exception):
     pass
+
+
+def add_lpips_args(p, help):
+    p.add_argument("--lpips", action="store_true", help=help)
+    p.add_argument("--lpips_weights", default=None, help="AlexNet weights file for LPIPS (see README)")
+
+
+def lpips_from_args(args, device):
+    """LPIPS on the device with --lpips, else None. Called at a script's start, so that a missing
+    backbone fails before any work, with one clear message."""
+    if not args.lpips:
+        return None
+    try:
+        return LPIPS(args.lpips_weights).to(device)
+    except LPIPSUnavailable as e:
+        raise UserError(f"--lpips: {e}")
 
 
 def _numpy_only_unpickle(path):

@@ -22,7 +22,7 @@ import distributed
 import figures
 import speed
 import sweep
-from losses import LOSSES, LPIPS, LPIPSUnavailable, evaluation_losses
+from losses import add_loss_args, add_lpips_args, evaluation_losses, lpips_from_args
 from paths import PointEvaluator
 from plane_geometry import DegeneratePlane, Plane, names_and_shapes, vector
 from utils import (ArgParser, RunDir, UserError, default_device, file_digest, output_stem, positive,
@@ -48,12 +48,10 @@ def get_args_parser():
         p.add_argument(f"--margin_{side}", type=margin, default=0.2, metavar="M",
                        help=f"grid extends M dx (or dy) beyond the points on the {side} (0.2)")
     p.add_argument("--curve_points", type=positive(int), default=61, help="points of the projected curve (61)")
-    p.add_argument("--lpips", action="store_true", help="also mean LPIPS (AlexNet) over the test split")
-    p.add_argument("--lpips_weights", default=None, help="AlexNet weights file for LPIPS (see README)")
+    add_lpips_args(p, "also mean LPIPS (AlexNet) over the test split")
     p.add_argument("--bn_batches", type=positive(int), default=None,
                    help="training batches for BatchNorm re-estimation at each point (default: all)")
-    p.add_argument("--loss_function", choices=LOSSES, default=None, help="default: the run's loss")
-    p.add_argument("--num_filters", type=positive(int), default=None, help="pyramid levels (the run's)")
+    add_loss_args(p)
     p.add_argument("--device", default=default_device())
     speed.add_speed_args(p)
     data.add_data_args(p, inherit=True)
@@ -104,12 +102,7 @@ def main(args):
     device = distributed.setup(resolve_device(args.device))
     speed.check_amp(args.amp, device)
     speed.configure(device, args)
-    lpips = None
-    if args.lpips:
-        try:
-            lpips = LPIPS(args.lpips_weights).to(device)
-        except LPIPSUnavailable as e:
-            raise UserError(f"--lpips: {e}")
+    lpips = lpips_from_args(args, device)
     corners, bends, curve, template, sources, run_args, name = load_points(args)
     labels = ("start", "middle bend", "end") if curve is not None else ("--init_start", "--init_middle", "--init_end")
     try:
