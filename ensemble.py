@@ -25,7 +25,7 @@ from ensembles import member_state, score_ensembles
 from losses import add_loss_args, add_lpips_args, evaluation_losses, lpips_from_args
 from models.curves import connect
 from paths import PointEvaluator
-from utils import (ArgParser, RunDir, UserError, atomic_write, default_device, file_digest, output_stem,
+from utils import (ArgParser, RunDir, UserError, atomic_write, default_device, file_digest, output_dir, output_stem,
                    positive, resolve_device, run_cli, write_json)
 
 
@@ -106,7 +106,7 @@ def main(args):
     speed.configure(device, args)
     lpips = lpips_from_args(args, device)
     members, ensembles, template, sources, run_args, name = plan(args)
-    out_dir = args.dir or os.path.join(os.path.dirname(os.path.abspath(next(iter(sources.values())))), "ensemble")
+    out_dir = output_dir(args, sources, "ensemble")
     if distributed.is_main():
         RunDir(out_dir)
     data.inherit_data_args(args, run_args)

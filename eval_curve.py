@@ -25,7 +25,7 @@ from ensembles import EndEnsembles
 from models.curves import connect, curve_name
 from paths import PointEvaluator, summary, update_bn, walk
 from utils import (ArgParser, RunDir, UserError, atomic_write, default_device, file_digest,
-                   output_stem, positive, resolve_device, run_cli, write_json)
+                   output_dir, output_stem, positive, resolve_device, run_cli, write_json)
 
 
 def get_args_parser():
@@ -99,7 +99,7 @@ def main(args):
     torch.manual_seed(args.seed)
     lpips = lpips_from_args(args, device)
     paths, ends, sources, run_args, name = load_paths(args)
-    out_dir = args.dir or os.path.join(os.path.dirname(os.path.abspath(next(iter(sources.values())))), "eval")
+    out_dir = output_dir(args, sources, "eval")
     if distributed.is_main():
         RunDir(out_dir)  # fails early, in one line, when it cannot be written
     data.inherit_data_args(args, run_args)

@@ -25,7 +25,7 @@ import sweep
 from losses import add_loss_args, add_lpips_args, evaluation_losses, lpips_from_args
 from paths import PointEvaluator
 from plane_geometry import DegeneratePlane, Plane, names_and_shapes, vector
-from utils import (ArgParser, RunDir, UserError, default_device, file_digest, output_stem, positive,
+from utils import (ArgParser, RunDir, UserError, default_device, file_digest, output_dir, output_stem, positive,
                    resolve_device, run_cli, write_json)
 
 
@@ -109,7 +109,7 @@ def main(args):
         plane = Plane(*(vector(c) for c in corners), labels=labels)
     except DegeneratePlane as e:
         raise UserError(str(e))
-    out_dir = args.dir or os.path.join(os.path.dirname(os.path.abspath(next(iter(sources.values())))), "plane")
+    out_dir = output_dir(args, sources, "plane")
     if distributed.is_main():
         RunDir(out_dir)
     data.inherit_data_args(args, run_args)

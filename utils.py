@@ -113,6 +113,11 @@ def output_stem(path):
     return f"{folder}_{os.path.splitext(os.path.basename(path))[0]}"
 
 
+def output_dir(args, sources, folder):
+    """--dir, or by default <folder> beside the first source checkpoint."""
+    return args.dir or os.path.join(os.path.dirname(os.path.abspath(next(iter(sources.values())))), folder)
+
+
 # ----------------------------------------------------------------------------- files
 
 def temporary_name(path):
