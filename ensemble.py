@@ -13,20 +13,25 @@ on the training split first (as at a point of eval_curve.py); then one pass over
 scores every member and every ensemble. Losses are on images in [-1, 1].
 """
 import os
+from dataclasses import dataclass
 
 import numpy as np
+import torch
 
-import checkpoints
-import dataset as data
-import distributed
-import figures
-import speed
-from ensembles import member_state, score_ensembles
-from losses import add_loss_args, add_lpips_args, evaluation_losses, lpips_from_args
+import dataset
+from aemc import checkpoints, distributed, reports
+from aemc.cli import ArgParser, positive, run_cli
+from aemc.ensembles import Ensemble, member_state, score_ensembles
+from aemc.errors import UserError
+from aemc.files import output_stem
+from aemc.settings import Run
 from models.curves import connect
-from paths import PointEvaluator
-from utils import (ArgParser, RunDir, UserError, atomic_write, default_device, file_digest, output_dir, output_stem,
-                   positive, resolve_device, run_cli, write_json)
+from utils import (
+    add_evaluation_args,
+    loss_settings,
+    open_session,
+    output_dir,
+)
 
 
 def member_list(text):
@@ -48,19 +53,26 @@ def get_args_parser():
     p.add_argument("--ckpts", nargs="+", default=None, metavar="CKPT",
                    help="instead of --ckpt: separately trained autoencoders, joining in this order")
     p.add_argument("--dir", default=None, help="output folder (default: <checkpoint folder>/ensemble)")
-    add_lpips_args(p, "also LPIPS (AlexNet) of members and ensembles")
-    p.add_argument("--bn_batches", type=positive(int), default=None,
-                   help="training batches for each member's BatchNorm re-estimation (default: all)")
-    add_loss_args(p)
-    p.add_argument("--device", default=default_device())
-    speed.add_speed_args(p)
-    data.add_data_args(p, inherit=True)
+    add_evaluation_args(p, "also LPIPS (AlexNet) of members and ensembles",
+                        "training batches for each member's BatchNorm re-estimation")
+    dataset.add_data_args(p, inherit=True)
     return p
 
 
+@dataclass
+class Plan:
+    """The members ({key: (model or curve, t or None)}), the ensembles ([Ensemble]), a module of
+    the architecture, the source checkpoints ({role: path}), the settings of the run that made them,
+    and a name for the outputs."""
+    members: dict
+    ensembles: list
+    template: torch.nn.Module
+    sources: dict
+    run: Run
+    name: str
+
+
 def plan(args):
-    """The members ({key: (path or model, t)}), the ensembles ({name: [keys]}), a template module,
-    the source checkpoints, the run's args and a name."""
     if args.ckpts:
         if args.ckpt or args.num_members or args.members:
             raise UserError("--ckpts takes no --ckpt, --num_members or --members")
@@ -70,9 +82,10 @@ def plan(args):
         loaded = checkpoints.load_endpoints(args.ckpts, flags)
         members = {f"ckpt {i}": (model, None) for i, (model, _) in enumerate(loaded)}
         keys = list(members)
-        ensembles = {f"checkpoints, {k}": keys[:k] for k in range(2, len(keys) + 1)}
+        ensembles = [Ensemble("checkpoints", keys[:k]) for k in range(2, len(keys) + 1)]
         sources = {flag: path for flag, path in zip(flags, args.ckpts)}
-        return members, ensembles, loaded[0][0], sources, loaded[0][1]["args"], f"{output_stem(args.ckpts[0])}-ckpts"
+        return Plan(members, ensembles, loaded[0][0], sources, loaded[0][1].settings,
+                    f"{output_stem(args.ckpts[0])}-ckpts")
     if not args.ckpt:
         raise UserError("give --ckpt CURVE (with --num_members or --members) or --ckpts A B ...")
     if (args.num_members is None) == (args.members is None):
@@ -80,7 +93,7 @@ def plan(args):
     if (args.num_members or 2) < 2 or (args.members is not None and len(set(args.members)) < 2):
         raise UserError("an ensemble needs at least 2 members")
     ck = checkpoints.load(args.ckpt, kind="curve", flag="--ckpt")
-    checkpoints.verify_endpoints(ck["curve_config"], strict=False)
+    checkpoints.verify_endpoints(ck.curve_config, strict=False)
     curve = checkpoints.build_model(ck)
     segment = connect(curve.point_at(0.0), curve.point_at(1.0))
     if args.num_members:
@@ -90,32 +103,29 @@ def plan(args):
 
     def key(path, t):  # the two paths share their ends: the same member
         return "start" if t == 0 else "end" if t == 1 else f"{path} t={t:.4g}"
-    members, ensembles = {}, {"endpoints": ["start", "end"]}
+    members, ensembles = {}, [Ensemble("endpoints", ["start", "end"])]
     for path, net in (("curve", curve), ("segment", segment)):
-        for k, ts in groups.items():
-            ensembles[f"{path}, {k}"] = [key(path, float(t)) for t in ts]
+        for ts in groups.values():
+            ensembles.append(Ensemble(path, [key(path, float(t)) for t in ts]))
             members.update({key(path, float(t)): (net, float(t)) for t in ts})
-    return members, ensembles, curve.point_at(0.0), {"ckpt": args.ckpt}, ck["args"], f"{output_stem(args.ckpt)}-curve"
+    return Plan(members, ensembles, curve.point_at(0.0), {"ckpt": args.ckpt}, ck.settings,
+                f"{output_stem(args.ckpt)}-curve")
 
 
 def main(args):
     """Score the ensembles; returns {"table": {name: {...}}, "files": {...}} (under torchrun: on
     rank 0, which scores them all in one test pass; the other ranks return None)."""
-    device = distributed.setup(resolve_device(args.device))
-    speed.check_amp(args.amp, device)
-    speed.configure(device, args)
-    lpips = lpips_from_args(args, device)
-    members, ensembles, template, sources, run_args, name = plan(args)
-    out_dir = output_dir(args, sources, "ensemble")
-    if distributed.is_main():
-        RunDir(out_dir)
-    data.inherit_data_args(args, run_args)
-    loss_name, loss_fns = evaluation_losses(args, run_args, device)
-    train_loader, test_loader = data.build_loaders(args, device)
-    evaluator = PointEvaluator(template, train_loader.ordered(), test_loader, loss_fns, bn_batches=args.bn_batches,
-                               speed=args)
-    print(f"{len(members)} members, {len(ensembles)} ensembles; BatchNorm re-estimated on "
-          f"{args.bn_batches or len(train_loader)} training batches per member; loss {loss_name} on images in [-1, 1]")
+    session = open_session(args)
+    device = session.device
+    chosen = plan(args)
+    members = chosen.members
+    session.prepare(dataset.data_settings(args, chosen.run.data), loss_settings(args, chosen.run.loss),
+                    output_dir(args.dir, chosen.sources, "ensemble"))
+    evaluator = session.evaluator(chosen.template, lpips=False)
+    loss_name = session.loss.loss_function
+    print(f"{len(members)} members, {len(chosen.ensembles)} ensembles; BatchNorm re-estimated on "
+          f"{args.bn_batches or len(session.train_loader)} training batches per member; loss {loss_name} "
+          "on images in [-1, 1]")
     mine = {}  # under torchrun each process re-estimates BatchNorm for its share of the members
     for key in distributed.share(list(members)):
         source, t = members[key]
@@ -127,10 +137,12 @@ def main(args):
         return None
     states = {key: {k: v.to(device) for k, v in part[key].items()} for key in members
               for part in everyone if key in part}
-    image_metrics = {"lpips": lpips} if lpips is not None else None
-    table = score_ensembles(evaluator.module, states, ensembles, test_loader, loss_fns, image_metrics, args.amp)
+    table = score_ensembles(evaluator.module, states, chosen.ensembles, session.test_loader, session.loss_fns,
+                            session.image_metrics, session.speed.amp)
     print(format_table(table, loss_name))
-    files = write_outputs(os.path.join(out_dir, f"{name}-ensembles"), args, sources, loss_name, lpips, table)
+    files = reports.write_ensembles(os.path.join(session.out_dir, f"{chosen.name}-ensembles"), table=table,
+                                    loss_name=loss_name, sources=chosen.sources, config={"flags": vars(args)},
+                                    lpips_source=session.lpips.source if session.lpips is not None else None)
     print("outputs:\n  " + "\n  ".join(files.values()))
     return {"table": table, "files": files}
 
@@ -144,23 +156,6 @@ def format_table(table, loss_name):
             f"{row[part][m]:16.5f}" for m in metrics for part in ("member_mean", "ensemble", "gain")))
     return f"test metrics (loss: {loss_name}; mean of the members, the ensemble, gain = mean - ensemble)\n" + \
         "\n".join(lines)
-
-
-def write_outputs(base, args, sources, loss_name, lpips, table):
-    report = {"config": vars(args), "loss": loss_name, "units": "test metrics on images in [-1, 1]; "
-              "gain = mean of the members' values - the ensemble's value",
-              "checkpoints": {k: {"path": os.path.abspath(p), "sha256": file_digest(p)} for k, p in sources.items()},
-              "lpips_weights": lpips.source if lpips is not None else None, "ensembles": table}
-    write_json(base + ".json", report)
-    with atomic_write(base + ".csv", "w") as f:
-        metrics = list(next(iter(table.values()))["ensemble"])
-        f.write("ensemble,members," + ",".join(f"{m}_{w}" for m in metrics for w in ("mean", "ensemble", "gain")) + "\n")
-        for name, row in table.items():
-            f.write(f"\"{name}\",{len(row['keys'])}," + ",".join(
-                f"{row[p][m]:.6f}" for m in metrics for p in ("member_mean", "ensemble", "gain")) + "\n")
-    files = {"json": base + ".json", "csv": base + ".csv", "plot": base + ".png"}
-    figures.plot_ensembles(table, loss_name, files["plot"], os.path.basename(base))
-    return files
 
 
 if __name__ == "__main__":

@@ -8,11 +8,13 @@ eval_curve.py --connect TRIVIAL).
 """
 import os
 
-import checkpoints
-import dataset as data
-import distributed
-from paths import update_bn
-from utils import ArgParser, UserError, default_device, file_digest, positive, resolve_device, run_cli
+import dataset
+from aemc import checkpoints, distributed
+from aemc.cli import ArgParser, positive, run_cli
+from aemc.errors import UserError
+from aemc.evaluation import update_bn
+from aemc.files import file_digest
+from utils import add_device_arg, resolve_device
 
 
 def get_args_parser():
@@ -20,10 +22,10 @@ def get_args_parser():
     p.add_argument("--ckpt", required=True, help="curve checkpoint")
     p.add_argument("--t", type=float, required=True, help="curve parameter in [0, 1]")
     p.add_argument("--out", required=True, help="autoencoder checkpoint to write")
-    p.add_argument("--device", default=default_device())
+    add_device_arg(p)
     p.add_argument("--bn_batches", type=positive(int), default=None,
                    help="training batches for BatchNorm re-estimation (default: all)")
-    data.add_data_args(p, inherit=True)
+    dataset.add_data_args(p, inherit=True)
     return p
 
 
@@ -33,13 +35,12 @@ def main(args):
     distributed.refuse_several("extract_point.py")
     device = resolve_device(args.device)
     ck = checkpoints.load(args.ckpt, kind="curve", flag="--ckpt")
-    data.inherit_data_args(args, ck["args"])
-    train_loader, _ = data.build_loaders(args, device)
+    train_loader, _ = dataset.build_loaders(dataset.data_settings(args, ck.settings.data), device)
     point = checkpoints.build_model(ck).to(device).point_at(args.t)
     update_bn(train_loader.ordered(), point, num_batches=args.bn_batches)
     source = dict(curve=os.path.abspath(args.ckpt), curve_sha256=file_digest(args.ckpt), t=args.t)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    checkpoints.save(args.out, checkpoints.autoencoder(point, ck["args"], ck["epoch"], source))
+    checkpoints.save(args.out, checkpoints.autoencoder(point, ck.architecture, ck.settings, ck.epoch, source))
     print(f"theta({args.t:g}) of {args.ckpt} saved as an autoencoder checkpoint: {args.out}")
 
 

@@ -12,21 +12,24 @@ in [-1, 1]; plane coordinates are weight-space distances.
 """
 import os
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-import checkpoints
-import dataset as data
-import distributed
-import figures
-import speed
-import sweep
-from losses import add_loss_args, add_lpips_args, evaluation_losses, lpips_from_args
-from paths import PointEvaluator
-from plane_geometry import DegeneratePlane, Plane, names_and_shapes, vector
-from utils import (ArgParser, RunDir, UserError, default_device, file_digest, output_dir, output_stem, positive,
-                   resolve_device, run_cli, write_json)
+import dataset
+from aemc import checkpoints, distributed, reports, resumable
+from aemc.cli import ArgParser, positive, run_cli
+from aemc.errors import UserError
+from aemc.files import file_digest, output_stem
+from aemc.geometry import DegeneratePlane, Plane, names_and_shapes, vector
+from aemc.settings import Run
+from utils import (
+    add_evaluation_args,
+    loss_settings,
+    open_session,
+    output_dir,
+)
 
 
 def margin(text):
@@ -48,49 +51,60 @@ def get_args_parser():
         p.add_argument(f"--margin_{side}", type=margin, default=0.2, metavar="M",
                        help=f"grid extends M dx (or dy) beyond the points on the {side} (0.2)")
     p.add_argument("--curve_points", type=positive(int), default=61, help="points of the projected curve (61)")
-    add_lpips_args(p, "also mean LPIPS (AlexNet) over the test split")
-    p.add_argument("--bn_batches", type=positive(int), default=None,
-                   help="training batches for BatchNorm re-estimation at each point (default: all)")
-    add_loss_args(p)
-    p.add_argument("--device", default=default_device())
-    speed.add_speed_args(p)
-    data.add_data_args(p, inherit=True)
+    add_evaluation_args(p, "also mean LPIPS (AlexNet) over the test split")
+    dataset.add_data_args(p, inherit=True)
     return p
 
 
+@dataclass
+class PlanePoints:
+    """What spans the plane: its three corners ({name: parameter}), every bend (the corners, without
+    a curve), the curve (or None), a module of the architecture, the source checkpoints ({role:
+    path}), the settings of the run that made them, and a name for the outputs."""
+    corners: list
+    bends: list
+    curve: object
+    template: torch.nn.Module
+    sources: dict
+    run: Run
+    name: str
+
+
 def load_points(args):
-    """The three points spanning the plane ({name: parameter}), all bends, the curve (or None), a
-    module of the architecture, the source checkpoints, the run's args, a name."""
     three = (args.init_start, args.init_middle, args.init_end)
     if args.ckpt and any(three):
         raise UserError("give either --ckpt (a curve) or --init_start, --init_middle and --init_end, not both")
     if args.ckpt:
         ck = checkpoints.load(args.ckpt, kind="curve", flag="--ckpt")
-        checkpoints.verify_endpoints(ck["curve_config"], strict=False)
+        checkpoints.verify_endpoints(ck.curve_config, strict=False)
         curve = checkpoints.build_model(ck)
         n = curve.num_bends
         bends = [{name: curve.bend_parameters(name)[k] for name in curve.names} for k in range(n)]
         corners = [bends[0], bends[n // 2], bends[-1]]
-        return (corners, bends, curve, curve.point_at(0.0), {"ckpt": args.ckpt}, ck["args"],
-                f"{output_stem(args.ckpt)}-plane")
+        return PlanePoints(corners, bends, curve, curve.point_at(0.0), {"ckpt": args.ckpt}, ck.settings,
+                           f"{output_stem(args.ckpt)}-plane")
     if not all(three):
         raise UserError("give --ckpt CURVE, or all three of --init_start, --init_middle and --init_end")
     flags = ("--init_start", "--init_middle", "--init_end")
     loaded = checkpoints.load_endpoints(list(three), flags)
     corners = [dict(model.named_parameters()) for model, _ in loaded]
     name = "--".join(output_stem(p) for p in three) + "-plane"
-    return (corners, corners, None, loaded[0][0], dict(zip(("init_start", "init_middle", "init_end"), three)),
-            loaded[0][1]["args"], name)
+    sources = dict(zip(("init_start", "init_middle", "init_end"), three))
+    return PlanePoints(corners, corners, None, loaded[0][0], sources, loaded[0][1].settings, name)
 
 
-def settings(args, sources, loss_name, lpips, device):
-    """Everything that changes the plane's numbers: a resumed plane must match it."""
-    keys = ("grid_points", "margin_left", "margin_right", "margin_bottom", "margin_top", "bn_batches",
-            "num_filters", "dataset", "max_images", "test_fraction", "batch_size", "amp", "channels_last",
-            "compile", "no_tf32")
-    return dict({k: getattr(args, k) for k in keys}, loss=loss_name, device=device.type,
-                data_path=os.path.abspath(args.data_path) if args.dataset != "synthetic" else None,
-                lpips=lpips.source if lpips is not None else None,
+def settings(args, session, sources):
+    """Everything that changes the plane's numbers: a resumed plane must match it (the keys are
+    those of every version, so a plane begun by an earlier one continues)."""
+    data, speed = session.data, session.speed
+    return dict({k: getattr(args, k) for k in ("grid_points", "margin_left", "margin_right", "margin_bottom",
+                                               "margin_top", "bn_batches")},
+                num_filters=args.num_filters, dataset=data.dataset, max_images=data.max_images,
+                test_fraction=data.test_fraction, batch_size=data.batch_size, amp=speed.amp,
+                channels_last=speed.channels_last, compile=speed.compile, no_tf32=not speed.tf32,
+                loss=session.loss.loss_function, device=session.device.type,
+                data_path=os.path.abspath(data.data_path) if data.dataset != "synthetic" else None,
+                lpips=session.lpips.source if session.lpips is not None else None,
                 checkpoints={k: file_digest(p) for k, p in sources.items()})
 
 
@@ -99,23 +113,19 @@ def main(args):
     (under torchrun: on rank 0; the other ranks return None)."""
     if args.grid_points < 2:
         raise UserError(f"--grid_points must be at least 2, got {args.grid_points}")
-    device = distributed.setup(resolve_device(args.device))
-    speed.check_amp(args.amp, device)
-    speed.configure(device, args)
-    lpips = lpips_from_args(args, device)
-    corners, bends, curve, template, sources, run_args, name = load_points(args)
+    session = open_session(args)
+    device = session.device
+    points = load_points(args)
+    curve, bends = points.curve, points.bends
     labels = ("start", "middle bend", "end") if curve is not None else ("--init_start", "--init_middle", "--init_end")
     try:
-        plane = Plane(*(vector(c) for c in corners), labels=labels)
+        plane = Plane(*(vector(c) for c in points.corners), labels=labels)
     except DegeneratePlane as e:
         raise UserError(str(e))
-    out_dir = output_dir(args, sources, "plane")
-    if distributed.is_main():
-        RunDir(out_dir)
-    data.inherit_data_args(args, run_args)
-    loss_name, loss_fns = evaluation_losses(args, run_args, device)
+    session.prepare(dataset.data_settings(args, points.run.data), loss_settings(args, points.run.loss),
+                    output_dir(args.dir, points.sources, "plane"))
     G = args.grid_points
-    base = os.path.join(out_dir, f"{name}-{G}x{G}")
+    base = reports.plane_base(session.out_dir, points.name, G)
 
     xs, ys = plane.grid(G, (args.margin_left, args.margin_right, args.margin_bottom, args.margin_top))
     geometry = dict(dx=plane.dx, dy=plane.dy, xs=xs, ys=ys, xs_fraction=xs / plane.dx, ys_fraction=ys / plane.dy,
@@ -130,46 +140,29 @@ def main(args):
           + (f"; the curve leaves the plane by up to {geometry['curve_distance_from_plane'].max():.4g}"
              if curve is not None and curve.num_bends > 3 else ""))
 
-    train_loader, test_loader = data.build_loaders(args, device)
-    evaluator = PointEvaluator(template, train_loader.ordered(), test_loader, loss_fns,
-                               {"lpips": lpips} if lpips is not None else None, args.bn_batches, speed=args)
-    layout = names_and_shapes(template)
+    evaluator = session.evaluator(points.template)
+    layout = names_and_shapes(points.template)
+    loss_name = session.loss.loss_function
     print(f"{G} x {G} grid points; loss {loss_name} on images in [-1, 1]; BatchNorm re-estimated on "
-          f"{args.bn_batches or len(train_loader)} training batches per point")
+          f"{args.bn_batches or len(session.train_loader)} training batches per point")
     started = time.time()
-    points = [(x, y) for x in xs for y in ys]  # row i: x = xs[i]; column j: y = ys[j]
-    metrics, _ = sweep.run(base + ".npz", settings(args, sources, loss_name, lpips, device), points,
-                           lambda xy: evaluator(plane.weights(*xy, layout, device)), shape=(G, G),
-                           extra=geometry, desc="plane")
+    grid = [(x, y) for x in xs for y in ys]  # row i: x = xs[i]; column j: y = ys[j]
+    metrics, _ = resumable.run(base + ".npz", settings(args, session, points.sources), grid,
+                               lambda xy: evaluator(plane.weights(*xy, layout, device)), shape=(G, G),
+                               extra=geometry, desc="plane")
     main = distributed.is_main()
     distributed.shutdown()
     if not main:
         return None
-    files = write_outputs(base, args, sources, loss_name, lpips, geometry, metrics, curve is not None, labels)
+    files = reports.write_plane(base, geometry=geometry, metrics=metrics, loss_name=loss_name, sources=points.sources,
+                                config={"flags": vars(args)}, has_curve=curve is not None, labels=labels,
+                                lpips_source=session.lpips.source if session.lpips is not None else None)
     for key, values in metrics.items():
         finite = values[np.isfinite(values)]
         print(f"  {key:12s} min {finite.min():.5f}  max {finite.max():.5f}"
               + (f"  ({values.size - finite.size} diverged points)" if finite.size < values.size else ""))
     print(f"{time.time() - started:.1f}s; outputs:\n  " + "\n  ".join(files.values()))
     return {"metrics": metrics, "geometry": geometry, "files": files}
-
-
-def write_outputs(base, args, sources, loss_name, lpips, geometry, metrics, has_curve, labels):
-    def plain(a):  # JSON has no NaN: diverged points become null
-        return np.where(np.isfinite(a), a, None).tolist() if isinstance(a, np.ndarray) else a
-    report = {"config": vars(args), "loss": loss_name, "units": "losses on images in [-1, 1]; "
-              "coordinates in weight-space distance (and as fractions of dx, dy)",
-              "checkpoints": {k: {"path": os.path.abspath(p), "sha256": file_digest(p)} for k, p in sources.items()},
-              "lpips_weights": lpips.source if lpips is not None else None,
-              **{k: plain(v) for k, v in geometry.items()}, "metrics": {k: plain(v) for k, v in metrics.items()}}
-    write_json(base + ".json", report)
-    files = {"npz": base + ".npz", "json": base + ".json"}
-    for key in metrics:
-        path = f"{base}_plane.png" if key == "test_loss" else f"{base}_{key}_plane.png"
-        what = f"{key.replace('_', ' ')}" + (f" ({loss_name}, images in [-1, 1])" if key.endswith("loss") else "")
-        figures.plot_plane(geometry, metrics[key], what, path, has_curve, labels)
-        files[f"{key}_plane"] = path
-    return files
 
 
 if __name__ == "__main__":

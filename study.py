@@ -14,18 +14,18 @@ without redoing anything. A setting changed since a stage ran is refused (its re
 stale). At the end: <dir>/results.md, results.csv and loss_grid.png.
 """
 import argparse
+import dataclasses
 import os
 import subprocess
 import sys
 import time
 
-import distributed
-import figures
-import studies
-from losses import LOSSES
+from aemc import distributed, figures, studies
+from aemc.cli import ArgParser, positive, run_cli
+from aemc.errors import Interrupted, UserError
+from aemc.losses import LOSSES
 from models.autoencoder import INITS
 from models.curves import curve_name
-from utils import ArgParser, Interrupted, UserError, positive, run_cli
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -35,7 +35,8 @@ def names(allowed, what):
         chosen = [n.strip() for n in text.split(",") if n.strip()]
         unknown = [n for n in chosen if n not in allowed]
         if unknown or not chosen:
-            raise argparse.ArgumentTypeError(f"unknown {what} {', '.join(unknown) or '(none)'}; choose from {', '.join(allowed)}")
+            raise argparse.ArgumentTypeError(f"unknown {what} {', '.join(unknown) or '(none)'}; "
+                                             f"choose from {', '.join(allowed)}")
         return chosen
     parse.__name__ = what
     return parse
@@ -68,17 +69,13 @@ def get_args_parser():
 
 
 def settings_from(args):
-    """The preset's settings, with every flag given on the command line in place of its value."""
-    settings = dict(studies.PRESETS[args.preset])
-    for key in (*studies.PRESETS[args.preset], "data_path"):
-        if getattr(args, key, None) is not None:
-            settings[key] = getattr(args, key)
-    settings.update(losses=args.losses, inits=args.inits, curve=args.curve, num_bends=args.num_bends,
-                    plane=args.plane, align=args.align, channels_last=args.channels_last, compile=args.compile,
-                    no_gpu_data=args.no_gpu_data, amp=args.amp)
-    if len(settings["inits"]) < 2:
+    """The preset's StudySettings, with every flag given on the command line in place of its value."""
+    if len(args.inits) < 2:
         raise UserError("--inits needs at least two init schemes: a curve joins two of them")
-    return settings
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(studies.StudySettings)
+                 if getattr(args, f.name, None) is not None}
+    overrides.update(losses=tuple(args.losses), inits=tuple(args.inits))
+    return dataclasses.replace(studies.PRESETS[args.preset], **overrides)
 
 
 def main(args):

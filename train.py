@@ -16,38 +16,40 @@ Losses are computed on images in [-1, 1].
 """
 import argparse
 import os
+from dataclasses import asdict
 
 import torch
 
-import checkpoints
-import dataset as data
-import distributed
-import speed
+import dataset
 import trainer
-from alignment import add_align_args, align_from_args
-from losses import LOSS_DEFAULTS, LOSSES, build_loss
-from models.autoencoder import ARCH_DEFAULTS, INIT_DEFAULT, INITS, Autoencoder
+from aemc import checkpoints, distributed, speed
+from aemc.alignment import align_to
+from aemc.cli import ArgParser, positive, run_cli
+from aemc.errors import UserError, warn
+from aemc.evaluation import evaluate, update_bn
+from aemc.files import RunDir
+from aemc.losses import LOSSES, build_loss
+from aemc.settings import Architecture, Loss, Optimizer, Run, Training
+from models.autoencoder import ARCH_DEFAULTS, INIT_DEFAULT, INITS
 from models.curves import T_SAMPLING, TSampler, connect, curve_name
-from paths import update_bn
-from utils import (ArgParser, RunDir, UserError, default_device, positive, resolve_device, run_cli,
-                   seed_everything, warn)
+from utils import add_align_args, add_device_arg, add_speed_args, alignment_settings, resolve_device, speed_settings
 
 
 def get_args_parser():
     p = ArgParser("train.py", description=__doc__.split("\n")[0])
     g = p.add_argument_group("run")
     g.add_argument("--dir", required=True, help="run directory for checkpoints and logs")
-    g.add_argument("--device", default=default_device(), help="torch device (default: cuda if present)")
-    g.add_argument("--seed", type=int, default=1, help="seed for init, shuffling, noise, dropout")
+    add_device_arg(g)
+    g.add_argument("--seed", type=int, default=Training.seed, help="seed for init, shuffling, noise, dropout")
     g.add_argument("--resume", default=None, metavar="CKPT", help="continue the run saved in CKPT")
-    g.add_argument("--epochs", type=positive(int), default=100)
-    g.add_argument("--save_freq", type=positive(int), default=5, help="checkpoint every N epochs")
-    g.add_argument("--save_final", action=argparse.BooleanOptionalAction, default=True,
+    g.add_argument("--epochs", type=positive(int), default=Training.epochs)
+    g.add_argument("--save_freq", type=positive(int), default=Training.save_freq, help="checkpoint every N epochs")
+    g.add_argument("--save_final", action=argparse.BooleanOptionalAction, default=Training.save_final,
                    help="write checkpoint-<epochs>.pt at the end (default: on)")
     g.add_argument("--verbose", action="store_true", help="print the model and the configuration")
     g.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard (if installed)")
-    g = data.add_data_args(p)
-    g.add_argument("--noise_std", type=float, default=0.05, help="denoising input noise std (0: off)")
+    g = dataset.add_data_args(p)
+    g.add_argument("--noise_std", type=float, default=Training.noise_std, help="denoising input noise std (0: off)")
     g = p.add_argument_group("model and loss (default: from the checkpoint, else the original's)")
     g.add_argument("--loss_function", choices=LOSSES, default=None, help="mae (default) or laplacian")
     g.add_argument("--num_filters", type=positive(int), default=None, help="Laplacian pyramid levels (5)")
@@ -56,14 +58,14 @@ def get_args_parser():
     g.add_argument("--latent_dim", type=positive(int), default=None, help="embedding size (128)")
     g.add_argument("--conv_init", choices=INITS, default=INIT_DEFAULT)
     g = p.add_argument_group("optimizer")
-    g.add_argument("--optim_name", choices=("Adam", "SGD"), default="Adam")
-    g.add_argument("--lr", type=positive(float), default=1e-4, help="initial learning rate")
-    g.add_argument("--beta_1", type=float, default=0.5)
-    g.add_argument("--beta_2", type=float, default=0.999)
-    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    g.add_argument("--wd", type=float, default=1e-6,
+    g.add_argument("--optim_name", choices=("Adam", "SGD"), default=Optimizer.optim_name)
+    g.add_argument("--lr", type=positive(float), default=Optimizer.lr, help="initial learning rate")
+    g.add_argument("--beta_1", type=float, default=Optimizer.beta_1)
+    g.add_argument("--beta_2", type=float, default=Optimizer.beta_2)
+    g.add_argument("--momentum", type=float, default=Optimizer.momentum, help="SGD momentum")
+    g.add_argument("--wd", type=float, default=Optimizer.wd,
                    help="weight decay (for a curve: 0.5 * wd * ||theta(t)||^2 added to the loss)")
-    speed.add_speed_args(p)
+    add_speed_args(p)
     p.add_argument("--sync_bn", action="store_true",
                    help="under torchrun on CUDA: BatchNorm statistics over the whole batch (SyncBatchNorm); "
                         "for a curve only with --t_sampling shared")
@@ -76,7 +78,7 @@ def get_args_parser():
     g.add_argument("--fix_end", action="store_true", help="keep the t = 1 end fixed")
     g.add_argument("--init_linear_off", action="store_true",
                    help="do not place the interior bends on the segment between the ends")
-    g.add_argument("--midpoint_bn_batches", type=positive(int), default=10,
+    g.add_argument("--midpoint_bn_batches", type=positive(int), default=Training.midpoint_bn_batches,
                    help="training batches for BatchNorm at t = 0.5 in the per-epoch report (10)")
     g.add_argument("--t_sampling", choices=T_SAMPLING, default=None,
                    help="under torchrun, how the processes draw t: one shared t per step, one per process, "
@@ -88,54 +90,86 @@ def get_args_parser():
     return p
 
 
-def check_run_dir(args):
-    """Refuse to start a fresh run on top of another one (it would overwrite its checkpoints)."""
-    if args.resume is None and os.path.isfile(os.path.join(args.dir, "log.jsonl")):
-        raise UserError(f"{args.dir} already holds a run; continue it with --resume "
-                        f"{os.path.join(args.dir, 'checkpoint-last.pt')} or choose a new --dir")
+def run_settings(args, resume):
+    """The run's settings from its flags; on --resume the loss and t sampling not given are the
+    checkpoint's, and a loss flag that contradicts it is an error."""
+    saved = resume.settings if resume else None
+    if saved is not None:
+        checkpoints.check_config({"loss_function": args.loss_function, "num_filters": args.num_filters},
+                                 asdict(saved.loss), "the checkpoint")
+    inherited = saved.loss if saved else Loss()
+    loss = Loss(loss_function=args.loss_function or inherited.loss_function,
+                num_filters=args.num_filters or inherited.num_filters)
+    training = Training(epochs=args.epochs, seed=args.seed, noise_std=args.noise_std, save_freq=args.save_freq,
+                        save_final=args.save_final, midpoint_bn_batches=args.midpoint_bn_batches,
+                        t_sampling=args.t_sampling or (saved.training.t_sampling if saved else Training.t_sampling),
+                        sync_bn=args.sync_bn)
+    optim = Optimizer(optim_name=args.optim_name, lr=args.lr, beta_1=args.beta_1, beta_2=args.beta_2,
+                      momentum=args.momentum, wd=args.wd)
+    run = Run(data=dataset.data_settings(args), loss=loss, optim=optim, training=training, speed=speed_settings(args))
+    if saved is not None:  # the flags rule, but a resumed run that silently changed its data or seed would surprise
+        then, now = asdict(saved), asdict(run)
+        changed = [f"--{k} {now[part][k]} (checkpoint: {then[part][k]})" for part in ("data", "optim")
+                   for k in now[part] if now[part][k] != then[part][k] and k != "num_workers"]
+        changed += [f"--{k} {now['training'][k]} (checkpoint: {then['training'][k]})" for k in ("seed", "noise_std")
+                    if now["training"][k] != then["training"][k]]
+        if changed:
+            warn("note: resuming with other settings than the checkpoint's: " + ", ".join(changed)
+                 + "; give the run's flags again to continue it exactly")
+    return run
+
+
+def architecture(args, saved=None):
+    """The autoencoder's architecture: the size flags given, else `saved`'s (checked against it),
+    else the original's; the init scheme is `saved`'s, else --conv_init."""
+    given = {k: getattr(args, k) for k in ARCH_DEFAULTS}
+    if saved is not None:
+        checkpoints.check_config(given, saved.kwargs, "the checkpoint")
+    kwargs = {k: given[k] if given[k] is not None else (saved.kwargs if saved else ARCH_DEFAULTS)[k]
+              for k in ARCH_DEFAULTS}
+    if kwargs["in_channels"] != 3:
+        raise UserError(f"--in_channels {kwargs['in_channels']}: the images are RGB (3 channels)")
+    return Architecture("conv", {**kwargs, "conv_init": saved.kwargs["conv_init"] if saved else args.conv_init})
 
 
 def build_endpoint(args, resume):
-    saved_cfg = resume["model_config"] if resume else None
-    arch = checkpoints.resolve_settings(args, saved_cfg, ARCH_DEFAULTS)
-    if arch["in_channels"] != 3:
-        raise UserError(f"--in_channels {arch['in_channels']}: the images are RGB (3 channels)")
-    conv_init = saved_cfg["conv_init"] if saved_cfg else args.conv_init
-    model = Autoencoder(**arch, conv_init=conv_init)
-    return model, model.config, None
+    arch = architecture(args, resume.architecture if resume else None)
+    return checkpoints.build_architecture(arch), arch, None
 
 
 def build_curve(args, resume, train_loader):
     """A CurveNet between the endpoint checkpoints (or, on --resume, as the checkpoint says); with
     --align, its end is the --init_end endpoint with its units matched to the start's."""
     if resume:
-        cfg = resume["curve_config"]
+        cfg = resume.curve_config
         checkpoints.check_config({"curve": args.curve, "num_bends": args.num_bends}, cfg, "the checkpoint")
         if args.align and not cfg.get("alignment"):
             raise UserError(f"--resume {args.resume}: that curve was trained without --align; drop --align")
         checkpoints.verify_endpoints(cfg, strict=False)
-        arch = checkpoints.resolve_settings(args, resume["model_config"], ARCH_DEFAULTS)
-        base = Autoencoder(**arch, conv_init=resume["model_config"]["conv_init"])
+        arch = architecture(args, resume.architecture)
+        base = checkpoints.build_architecture(arch)
         return connect(None, None, cfg["curve"], cfg["num_bends"], cfg["fix_start"], cfg["fix_end"],
-                       init_linear=False, template=base), base.config, cfg
+                       init_linear=False, template=base), arch, cfg
     given = {flag: path for flag, path in (("--init_start", args.init_start), ("--init_end", args.init_end)) if path}
     saved = {flag: checkpoints.load(path, kind="autoencoder", flag=flag) for flag, path in given.items()}
     if len(saved) == 2:
-        checkpoints.check_same_architecture([ck["model_config"] for ck in saved.values()], list(given.values()))
+        checkpoints.check_same_architecture(list(saved.values()), list(given.values()))
     else:
         warn("warning: without --init_start and --init_end the ends of the curve start from the "
              f"--conv_init {args.conv_init} initialisation")
-    arch = checkpoints.resolve_settings(args, next(iter(saved.values()))["model_config"] if saved else None,
-                                        ARCH_DEFAULTS)
-    base = Autoencoder(**arch, conv_init=args.conv_init)  # the first draw after seeding
+    first = next(iter(saved.values())).architecture if saved else None
+    arch = architecture(args, first)
+    if first is not None:  # the fresh interior bends start from the --conv_init scheme
+        arch = Architecture(arch.name, {**arch.kwargs, "conv_init": args.conv_init})
+    base = checkpoints.build_architecture(arch)  # the first draw after seeding
     ends = {flag: checkpoints.build_model(ck) for flag, ck in saved.items()}
     alignment = None
     if args.align:
         if len(ends) < 2:
             raise UserError("--align needs both --init_start and --init_end")
         device = train_loader.device
-        aligned, alignment = align_from_args(ends["--init_start"].to(device), ends["--init_end"].to(device),
-                                             args, train_loader)
+        aligned, alignment = align_to(ends["--init_start"].to(device), ends["--init_end"].to(device),
+                                      alignment_settings(args), train_loader)
         ends["--init_end"] = aligned.cpu()
         print(f"--align: the end's units matched to the start's by {args.align_method} matching: "
               f"||start - end|| {alignment['distance_before']:.4f} -> {alignment['distance_after']:.4f}")
@@ -148,7 +182,7 @@ def build_curve(args, resume, train_loader):
     cfg = dict(curve=net.curve, num_bends=num_bends, fix_start=args.fix_start, fix_end=args.fix_end,
                init_linear=not args.init_linear_off, alignment=alignment,
                **checkpoints.endpoint_record((args.init_start, args.init_end)))
-    return net, base.config, cfg
+    return net, arch, cfg
 
 
 def open_tensorboard(args):
@@ -166,64 +200,57 @@ def open_tensorboard(args):
 def main(args):
     device = distributed.setup(resolve_device(args.device))
     several = distributed.world() > 1
-    speed.check_amp(args.amp, device)
-    speed.configure(device, args)
     resume = checkpoints.load(args.resume, flag="--resume") if args.resume else None
-    if resume and resume.get("optimizer") is None:
+    if resume and not resume.is_training_state:
         raise UserError(f"--resume {args.resume} is a point extracted from a curve, not a training "
                         "state; use it as --init_start / --init_end")
-    if resume and args.curve and resume["kind"] != "curve":
+    if resume and args.curve and resume.kind != "curve":
         raise UserError(f"--resume {args.resume} holds an autoencoder, not a curve; drop --curve")
-    is_curve = bool(args.curve) or (resume is not None and resume["kind"] == "curve")
-    saved_args = resume["args"] if resume else None
-    run_cfg = checkpoints.resolve_settings(args, saved_args, LOSS_DEFAULTS)
-    args.loss_function, args.num_filters = run_cfg["loss_function"], run_cfg["num_filters"]
-    args.t_sampling = args.t_sampling or (saved_args or {}).get("t_sampling") or "stratified"
+    is_curve = bool(args.curve) or (resume is not None and resume.kind == "curve")
+    settings = run_settings(args, resume)
+    speed.configure(device, settings.speed)
     if args.sync_bn and not (several and device.type == "cuda"):
         raise UserError("--sync_bn needs several processes on CUDA (torchrun --nproc-per-node G ... --device cuda)")
-    if args.sync_bn and is_curve and args.t_sampling != "shared":
+    if args.sync_bn and is_curve and settings.training.t_sampling != "shared":
         raise UserError("--sync_bn averages BatchNorm statistics over processes, which only makes sense when "
                         "they all run the same point of the curve: add --t_sampling shared")
-    check_run_dir(args)
+    trainer.check_fresh_run_dir(args.dir, args.resume)
     run = RunDir(args.dir) if distributed.is_main() else None
-    loss_fn = build_loss(args.loss_function, args.num_filters).to(device)
+    loss_fn = build_loss(settings.loss.loss_function, settings.loss.num_filters).to(device)
 
-    seed_everything(args.seed + 1_000_003 * distributed.rank())  # noise and dropout differ between processes
-    train_loader, test_loader = data.build_loaders(args, device, shard=True)
-    model, model_config, curve_config = (build_curve(args, resume, train_loader) if is_curve
-                                         else build_endpoint(args, resume))
-    for k, v in {**model_config, **(curve_config or {})}.items():
-        if hasattr(args, k):
-            setattr(args, k, v)
+    trainer.seed_everything(args.seed + 1_000_003 * distributed.rank())  # noise and dropout differ between processes
+    train_loader, test_loader = dataset.build_loaders(settings.data, device, seed=args.seed, speed=settings.speed,
+                                                      shard=True)
+    model, arch, curve_config = (build_curve(args, resume, train_loader) if is_curve
+                                 else build_endpoint(args, resume))
     t_sampler = None
     if is_curve and several:
-        model.t_sampler = t_sampler = TSampler(args.t_sampling, args.seed, distributed.rank(), distributed.world(), device)
+        model.t_sampler = t_sampler = TSampler(settings.training.t_sampling, args.seed, distributed.rank(),
+                                               distributed.world(), device)
     if resume:
-        model.load_state_dict(resume["state_dict"])
+        model.load_state_dict(resume.state_dict)
     if args.sync_bn:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device)
-    runner = speed.prepare_model(model, args, data_parallel=several)  # channels_last / DDP / torch.compile
-    scaler = speed.make_scaler(device, args.amp)
+    runner = speed.prepare_model(model, settings.speed, data_parallel=several)  # channels_last / DDP / compile
+    scaler = speed.make_scaler(device, settings.speed.amp)
     # a curve's weight decay is the explicit 0.5 * wd * ||theta(t)||^2 term, not the optimizer's
-    optimizer = trainer.make_optimizer(args, [p for p in model.parameters() if p.requires_grad],
-                                       0.0 if is_curve else args.wd, device)
-    curve_wd = args.wd if is_curve else 0.0
-    if run is not None:
-        run.save_args(args)
+    optimizer = trainer.make_optimizer(settings.optim, [p for p in model.parameters() if p.requires_grad],
+                                       0.0 if is_curve else settings.optim.wd, device)
+    curve_wd = settings.optim.wd if is_curve else 0.0
+    if run is not None:  # the flags, with what the checkpoints decided in place of those left out
+        run.save_args({**vars(args), **arch.kwargs, **asdict(settings.loss), **(curve_config or {}),
+                       "t_sampling": settings.training.t_sampling})
     if args.verbose:
         print(model)
-        print(vars(args))
+        print(settings)
 
+    state = trainer.TrainingState(kind="curve" if is_curve else "autoencoder", architecture=arch,
+                                  curve_config=curve_config, settings=settings, model=model, optimizer=optimizer,
+                                  scaler=scaler, device=device, t_sampler=t_sampler)
     epoch, position = 0, None
     if resume:
-        trainer.load_optimizer_state(optimizer, resume["optimizer"])
-        if scaler is not None and resume.get("scaler"):
-            scaler.load_state_dict(resume["scaler"])
-        epoch = resume["epoch"]
-        if resume.get("batch", 0) > 0:
-            position = resume["sums"]
-        checkpoints.set_run_rng_state(resume["rng"], device, t_sampler)
+        epoch, position = state.restore(resume)
         print(f"resuming {args.resume} at epoch {epoch + 1}"
               + (f", batch {position['batches']}" if position else ""))
     if epoch >= args.epochs:
@@ -232,35 +259,29 @@ def main(args):
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     what = (f"{curve_config['curve']} curve, {curve_config['num_bends']} bends: " if is_curve else "")
     print(f"{what}{n_params:,} trainable parameters; {train_loader.num_images} train / {test_loader.num_images} "
-          f"test images; loss {args.loss_function} on [-1, 1] images; device {device}"
-          + (f"; {distributed.world()} processes, batches of {args.batch_size} shared"
-             + (f", t {args.t_sampling}" if is_curve else "") if several else ""))
+          f"test images; loss {settings.loss.loss_function} on [-1, 1] images; device {device}"
+          + (f"; {distributed.world()} processes, batches of {settings.data.batch_size} shared"
+             + (f", t {settings.training.t_sampling}" if is_curve else "") if several else ""))
 
-    def checkpoint(epoch, sums=None):  # every process calls it: the random states are gathered
-        return dict(kind="curve" if is_curve else "autoencoder", model_config=model_config,
-                    curve_config=curve_config,
-                    state_dict=model.state_dict(), optimizer=optimizer.state_dict(),
-                    scaler=scaler.state_dict() if scaler is not None else None,
-                    epoch=epoch, batch=sums["batches"] if sums else 0, sums=sums,
-                    args=vars(args), rng=checkpoints.run_rng_state(device, t_sampler))
-
-    def evaluate():  # rank 0 alone: the plain model, not the data-parallel wrapper
+    def evaluate_epoch():  # rank 0 alone: the plain model, not the data-parallel wrapper
         if not is_curve:
             module = model if several else runner
-            return trainer.evaluate(module, test_loader, {"loss": loss_fn}, amp=args.amp)["loss"], {}, module
+            return evaluate(module, test_loader, {"loss": loss_fn}, amp=settings.speed.amp)["loss"], {}, module
         # the midpoint, BatchNorm re-estimated on a fixed subset of training batches
         midpoint = model.point_at(0.5)
-        with speed.autocast(device, args.amp):
+        with speed.autocast(device, settings.speed.amp):
             update_bn(train_loader.ordered(), midpoint, num_batches=args.midpoint_bn_batches)
-        test_loss = trainer.evaluate(midpoint, test_loader, {"loss": loss_fn}, amp=args.amp)["loss"]
+        test_loss = evaluate(midpoint, test_loader, {"loss": loss_fn}, amp=settings.speed.amp)["loss"]
         return test_loss, {"test_loss_at": "t=0.5"}, midpoint
 
     writer = open_tensorboard(args) if run is not None else None
     trainer.fit(model=model, runner=runner, optimizer=optimizer, loss_fn=loss_fn, train_loader=train_loader,
-                test_loader=test_loader, run=run, epochs=args.epochs, checkpoint=checkpoint, evaluate=evaluate,
+                test_loader=test_loader, run=run, epochs=args.epochs, checkpoint=state.checkpoint,
+                evaluate=evaluate_epoch,
                 lr_at=lambda epoch, fraction: trainer.learning_rate(args.lr, epoch, args.epochs),
                 start_epoch=epoch, position=position, noise_std=args.noise_std, curve_wd=curve_wd,
-                amp=args.amp, scaler=scaler, save_freq=args.save_freq, save_final=args.save_final, writer=writer)
+                amp=settings.speed.amp, scaler=scaler, save_freq=args.save_freq, save_final=args.save_final,
+                writer=writer)
     if writer is not None:
         writer.close()
     distributed.shutdown()

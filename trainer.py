@@ -1,17 +1,20 @@
-"""Training: the epoch loop of a run (resumable, interruptible), one epoch, evaluation, the
-optimizer and the learning-rate schedules."""
+"""Training: the epoch loop of a run (resumable, interruptible), one epoch, the optimizer, the
+learning-rate schedules, and what a training run saves and restores (`TrainingState`)."""
+import contextlib
 import math
 import os
+import random
+import signal
+import sys
 import time
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
-import checkpoints
-import distributed
-import figures
-from speed import accumulator_dtype, autocast
-from utils import Interrupted, StopRequest, UserError
+from aemc import checkpoints, distributed, figures
+from aemc.errors import Interrupted, UserError
+from aemc.speed import accumulator_dtype, autocast
 
 FINITE_CHECK_EVERY = 20  # batches between host syncs (non-finite check, progress bar update)
 
@@ -50,16 +53,18 @@ def snapshot_epochs(cycle, epochs):
     return [e for e in range(1, epochs + 1) if e % cycle == cycle // 2]
 
 
-def make_optimizer(args, params, weight_decay, device):
-    """Adam (lr, betas) or SGD (lr, momentum) from the run's flags, with this weight decay. On CUDA
-    the fused implementation: one kernel per step, and with fp16 the gradient scaler's inf check
-    stays on the device instead of syncing with the host every step."""
+def make_optimizer(optim, params, weight_decay, device):
+    """Adam (lr, betas) or SGD (lr, momentum) of `optim` (an aemc.settings.Optimizer), with this
+    weight decay. On CUDA the fused implementation: one kernel per step, and with fp16 the gradient
+    scaler's inf check stays on the device instead of syncing with the host every step."""
     fused = True if device.type == "cuda" else None  # None: PyTorch's own choice elsewhere
-    if args.optim_name == "Adam":
-        return torch.optim.Adam(params, lr=args.lr, betas=(args.beta_1, args.beta_2),
+    if optim.optim_name == "Adam":
+        return torch.optim.Adam(params, lr=optim.lr, betas=(optim.beta_1, optim.beta_2),
                                 weight_decay=weight_decay, fused=fused)
-    return torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=weight_decay,
-                           fused=fused)
+    if optim.optim_name == "SGD":
+        return torch.optim.SGD(params, lr=optim.lr, momentum=optim.momentum, weight_decay=weight_decay,
+                               fused=fused)
+    raise UserError(f"unknown optimizer {optim.optim_name!r}; choose Adam or SGD")
 
 
 def load_optimizer_state(optimizer, state):
@@ -159,31 +164,6 @@ def train_one_epoch(model, loader, optimizer, loss_fn, *, noise_std=0.0, curve_w
     return snapshot()[0]
 
 
-@torch.no_grad()
-def evaluate(model, loader, loss_fns, image_metrics=None, amp="none", on_batch=None):
-    """Mean of each loss over all images of `loader` (clean inputs, eval mode): {name: float}.
-
-    `image_metrics` ({name: fn(output, input) -> one value per image}, e.g. LPIPS) are computed
-    in the same pass and averaged over images (not over batches). With `amp` only the model's
-    forward pass is in mixed precision; losses and metrics are computed in float32.
-    `on_batch(x, out)` sees every batch and its (float32) reconstructions.
-    """
-    model.eval()
-    fns = {**loss_fns, **(image_metrics or {})}
-    sums = {name: torch.zeros((), device=loader.device, dtype=accumulator_dtype(loader.device)) for name in fns}
-    for x in loader:
-        with autocast(loader.device, amp):
-            out = model(x)
-        out = out.float()
-        if on_batch is not None:
-            on_batch(x, out)
-        for name, fn in loss_fns.items():
-            sums[name] += fn(out, x).detach() * len(x)
-        for name, fn in (image_metrics or {}).items():
-            sums[name] += fn(out, x).detach().to(sums[name].dtype).sum()
-    return {name: (s / loader.num_images).item() for name, s in sums.items()}
-
-
 def fit(*, model, runner, optimizer, loss_fn, train_loader, test_loader, run, epochs, lr_at, checkpoint,
         evaluate, start_epoch=0, position=None, noise_std=0.0, curve_wd=0.0, amp="none", scaler=None,
         save_freq=1, save_final=True, writer=None, on_epoch_end=None):
@@ -261,3 +241,75 @@ def _report(run, writer, epoch, epochs, lr, sums, curve_wd, evaluate, sample, st
         recon = evaluated(sample)
     os.makedirs(run.file("recon"), exist_ok=True)
     figures.save_rows([sample, recon], run.file(f"recon/epoch-{epoch:03d}.png"))
+
+
+class StopRequest:
+    """Turns the first Ctrl-C (SIGINT) into a flag the training loop checks between steps, so
+    the model and optimizer are never caught half-updated; a second Ctrl-C interrupts at once."""
+
+    def __init__(self):
+        self.requested = False
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nCtrl-C: finishing the current step and saving a resumable checkpoint "
+              "(press again to abort without saving)", file=sys.stderr)
+
+    @contextlib.contextmanager
+    def installed(self):
+        try:
+            previous = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not in the main thread (e.g. some notebook runners): no handler
+            yield self
+            return
+        try:
+            yield self
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def check_fresh_run_dir(path, resume):
+    """Refuse to start a fresh run on top of another one (it would overwrite its checkpoints)."""
+    if resume is None and os.path.isfile(os.path.join(path, "log.jsonl")):
+        raise UserError(f"{path} already holds a run; continue it with --resume "
+                        f"{os.path.join(path, 'checkpoint-last.pt')} or choose a new --dir")
+
+
+class TrainingState:
+    """What a training run (train.py, fge.py) saves in its checkpoints and restores on --resume:
+    the model, the optimizer and gradient scaler, the position (epoch, batch, running sums), the
+    random state of every process (and of a curve's t-sampler), the architecture, the curve and
+    the run's settings."""
+
+    def __init__(self, *, kind, architecture, settings, model, optimizer, scaler, device, curve_config=None,
+                 t_sampler=None):
+        self.kind, self.architecture, self.settings, self.curve_config = kind, architecture, settings, curve_config
+        self.model, self.optimizer, self.scaler = model, optimizer, scaler
+        self.device, self.t_sampler = device, t_sampler
+
+    def checkpoint(self, epoch, sums=None):
+        """The checkpoint after `epoch` epochs (and, mid-epoch, `sums`' batches). Under torchrun
+        every process must call it: the random states are gathered."""
+        return checkpoints.Checkpoint(
+            kind=self.kind, architecture=self.architecture, curve_config=self.curve_config,
+            state_dict=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
+            scaler=self.scaler.state_dict() if self.scaler is not None else None, epoch=epoch,
+            batch=sums["batches"] if sums else 0, sums=sums, settings=self.settings,
+            rng=checkpoints.run_rng_state(self.device, self.t_sampler))
+
+    def restore(self, checkpoint):
+        """Load a training state's optimizer, scaler and random state (the weights are loaded
+        when the model is built); returns (epoch, mid-epoch position or None) to continue from."""
+        load_optimizer_state(self.optimizer, checkpoint.optimizer)
+        if self.scaler is not None and checkpoint.scaler:
+            self.scaler.load_state_dict(checkpoint.scaler)
+        checkpoints.set_run_rng_state(checkpoint.rng, self.device, self.t_sampler)
+        return checkpoint.epoch, checkpoint.sums if checkpoint.batch > 0 else None

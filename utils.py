@@ -1,87 +1,31 @@
-"""Small shared helpers: CLI plumbing, devices, seeding, files and run directories."""
-import argparse
-import contextlib
-import hashlib
-import json
+"""Small CLI plumbing shared by the scripts: devices, and the flags every script shares, each group
+with the one function that turns it into typed settings (aemc.settings)."""
 import os
-import random
-import re
-import shlex
-import signal
-import sys
 
-import numpy as np
 import torch
 
-
-class UserError(Exception):
-    """An expected failure the user can act on: printed as one line, no traceback, exit 2."""
-    exit_code = 2
-
-
-class Interrupted(UserError):
-    """Ctrl-C was handled: the state is saved; exit 130 like an interrupted shell command."""
-    exit_code = 130
+from aemc.cli import positive
+from aemc.errors import UserError
+from aemc.evaluation import Session
+from aemc.losses import LOSSES
+from aemc.settings import Alignment, Evaluation, Loss, Speed
 
 
-class ArgParser(argparse.ArgumentParser):
-    """argparse that reports a bad flag in one line (plus a hint) and exits with status 2."""
-
-    def error(self, message):
-        print(f"{self.prog}: error: {message} (see {self.prog} -h)", file=sys.stderr)
-        sys.exit(2)
-
-
-def run_cli(main, parser, argv=None):
-    """Parse the command line (or `argv`) and run `main(args)`; expected failures exit without a
-    traceback."""
-    args = parser.parse_args(argv)
-    try:
-        main(args)
-    except Interrupted as e:
-        warn(f"{parser.prog}: {e}")
-        sys.exit(e.exit_code)
-    except UserError as e:  # under torchrun every process meets the same error: rank 0 says it
-        warn(f"{parser.prog}: error: {e}")
-        sys.exit(e.exit_code)
-    except KeyboardInterrupt:
-        warn(f"{parser.prog}: interrupted")
-        sys.exit(130)
+def given(args, kind):
+    """{field: value} of the flags named like the fields of the settings class `kind` that were
+    given (not None)."""
+    return {name: getattr(args, name) for name in kind.__dataclass_fields__
+            if name in vars(args) and getattr(args, name) is not None}
 
 
-def positive(kind):
-    """argparse type: a strictly positive int or float."""
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}")
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-        return value
-    parse.__name__ = f"positive {kind.__name__}"
-    return parse
-
-
-def is_rank_zero():
-    """Whether this is the main process (always, unless torchrun started several)."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def warn(message):
-    """One line on stderr, from the main process only."""
-    if is_rank_zero():
-        print(message, file=sys.stderr)
-
-
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed % 2 ** 32)
-    torch.manual_seed(seed)
-
+# ----------------------------------------------------------------------------- devices
 
 def default_device():
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def add_device_arg(parser):
+    parser.add_argument("--device", default=default_device(), help="torch device (default: cuda if present)")
 
 
 def resolve_device(name):
@@ -98,137 +42,88 @@ def resolve_device(name):
     return device
 
 
-def file_digest(path, algorithm="sha256", chunk=1 << 20):
-    """Hex digest of a file's bytes (sha256, md5, ...), read in chunks."""
-    h = hashlib.new(algorithm)
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+# ----------------------------------------------------------------------------- speed
+
+def add_speed_args(parser):
+    g = parser.add_argument_group("speed (results stay within tolerance of the defaults)")
+    g.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none",
+                   help="mixed-precision forward passes: bf16 (CPU or CUDA) or fp16 (CUDA, with "
+                        "gradient scaling); losses are computed in float32 (none)")
+    g.add_argument("--channels_last", action="store_true",
+                   help="NHWC memory layout for weights and images (faster convolutions)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model (slow first steps)")
+    g.add_argument("--no_gpu_data", action="store_true",
+                   help="on CUDA, keep the dataset in host memory (copied through pinned staging "
+                        "buffers) even when it fits on the GPU")
+    g.add_argument("--no_tf32", action="store_true",
+                   help="on Ampere and later GPUs, compute float32 convolutions in full float32 "
+                        "instead of PyTorch's default TF32 (slower; reproducible to more digits)")
+    return g
 
 
-def output_stem(path):
-    """A name for outputs derived from a checkpoint: runs/curve/checkpoint-8.pt -> curve_checkpoint-8."""
-    folder = os.path.basename(os.path.dirname(os.path.abspath(path)))
-    return f"{folder}_{os.path.splitext(os.path.basename(path))[0]}"
+def speed_settings(args):
+    return Speed(amp=args.amp, channels_last=args.channels_last, compile=args.compile,
+                 gpu_data=not args.no_gpu_data, tf32=not args.no_tf32)
 
 
-def output_dir(args, sources, folder):
-    """--dir, or by default <folder> beside the first source checkpoint."""
-    return args.dir or os.path.join(os.path.dirname(os.path.abspath(next(iter(sources.values())))), folder)
+# ----------------------------------------------------------------------------- evaluation
+
+def add_loss_args(parser):
+    """--loss_function and --num_filters of an evaluation (default: the run's)."""
+    parser.add_argument("--loss_function", choices=LOSSES, default=None, help="default: the run's loss")
+    parser.add_argument("--num_filters", type=positive(int), default=None, help="pyramid levels (the run's)")
 
 
-# ----------------------------------------------------------------------------- files
-
-def temporary_name(path):
-    """The hidden temporary file an atomic write of `path` goes through: .<name>.tmp-<pid>."""
-    folder, name = os.path.split(os.path.abspath(path))
-    return os.path.join(folder, f".{name}.tmp-{os.getpid()}")
+def loss_settings(args, inherited):
+    """The Loss of an evaluation: the flags given, else `inherited` (the run's)."""
+    return Loss(**{**vars(inherited), **given(args, Loss)})
 
 
-_TEMPORARY = re.compile(r"^\..+\.tmp-(\d+)$")
+def add_evaluation_args(parser, lpips_help, bn_help="training batches for BatchNorm re-estimation at each point",
+                        loss=True):
+    """The flags of every evaluation script: LPIPS, BatchNorm batches, the loss (unless `loss` is
+    off), the device and the speed options."""
+    parser.add_argument("--lpips", action="store_true", help=lpips_help)
+    parser.add_argument("--lpips_weights", default=None, help="AlexNet weights file for LPIPS (see docs/usage.md)")
+    parser.add_argument("--bn_batches", type=positive(int), default=None, help=f"{bn_help} (default: all)")
+    if loss:
+        add_loss_args(parser)
+    add_device_arg(parser)
+    add_speed_args(parser)
 
 
-def remove_stale_temporaries(folder, prefix=""):
-    """Delete temporaries of atomic writes (of files named `prefix`...) whose writer is gone (a
-    killed run leaves them behind); those of live processes, which may still be writing, are kept.
-    Returns the names removed."""
-    removed = []
-    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
-        match = _TEMPORARY.match(name)
-        if match is None or not name.startswith("." + prefix) or _process_alive(int(match.group(1))):
-            continue
-        try:
-            os.remove(os.path.join(folder, name))
-            removed.append(name)
-        except OSError:
-            pass
-    return removed
+def evaluation_settings(args):
+    return Evaluation(bn_batches=args.bn_batches, lpips=args.lpips, lpips_weights=args.lpips_weights)
 
 
-def _process_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
+def open_session(args):
+    """The evaluation Session of an evaluation script's flags (see aemc.evaluation.Session)."""
+    return Session(resolve_device(args.device), speed_settings(args), evaluation_settings(args))
 
 
-@contextlib.contextmanager
-def atomic_write(path, mode="wb"):
-    """Open a temporary beside `path` for writing; on success fsync it and rename it over `path`,
-    so a crash or kill at any moment leaves either the old file or the new one, never half of one."""
-    tmp = temporary_name(path)
-    try:
-        with open(tmp, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+def output_dir(given_dir, sources, folder):
+    """`given_dir` (--dir), or by default <folder> beside the first source checkpoint."""
+    return given_dir or os.path.join(os.path.dirname(os.path.abspath(next(iter(sources.values())))), folder)
 
 
-def write_json(path, obj):
-    """Write JSON atomically (temporary file + rename)."""
-    with atomic_write(path, "w") as f:
-        json.dump(obj, f, indent=2, default=str)
+# ----------------------------------------------------------------------------- alignment
+
+def add_align_args(parser, prefix="align_"):
+    """The alignment flags: align.py's own (prefix "": --method, --restarts, --seed), and those of
+    --align in train.py and eval_curve.py (--align_method, --align_restarts, --align_seed)."""
+    g = parser.add_argument_group("alignment")
+    g.add_argument(f"--{prefix}method", dest="align_method", choices=("weight", "activation"), default="weight",
+                   help="weight matching (Git Re-Basin) or activation matching on training batches (weight)")
+    g.add_argument(f"--{prefix}restarts", dest="align_restarts", type=positive(int), default=1,
+                   help="weight matching: keep the best of N random update orders (1)")
+    g.add_argument(f"--{prefix}seed", dest="align_seed", type=int, default=0, help="seed of the update orders (0)")
+    g.add_argument("--no_latent_signs", action="store_true",
+                   help="match the latent units by permutation only (default: also negate them: Tanh is odd)")
+    g.add_argument("--align_batches", type=positive(int), default=20,
+                   help="activation matching: training batches whose activations are correlated (20)")
+    return g
 
 
-class RunDir:
-    """The run directory: the exact command, args.json, and one JSON line per epoch in log.jsonl.
-    Temporaries left there by a killed earlier run are removed when it is opened."""
-
-    def __init__(self, path):
-        self.path = path
-        try:
-            os.makedirs(path, exist_ok=True)
-            probe = os.path.join(path, f".write-test.tmp-{os.getpid()}")
-            with open(probe, "w"):
-                pass
-            os.remove(probe)
-        except OSError as e:
-            raise UserError(f"cannot write to --dir {path}: {e.strerror}")
-        remove_stale_temporaries(path)
-        with open(os.path.join(path, "command.txt"), "a") as f:
-            f.write(shlex.join([sys.executable] + sys.argv) + "\n")
-
-    def save_args(self, args):
-        write_json(self.file("args.json"), vars(args))
-
-    def file(self, name):
-        return os.path.join(self.path, name)
-
-    def log(self, record):
-        with open(self.file("log.jsonl"), "a") as f:
-            f.write(json.dumps(record) + "\n")
-
-
-class StopRequest:
-    """Turns the first Ctrl-C (SIGINT) into a flag the training loop checks between steps, so
-    the model and optimizer are never caught half-updated; a second Ctrl-C interrupts at once."""
-
-    def __init__(self):
-        self.requested = False
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\nCtrl-C: finishing the current step and saving a resumable checkpoint "
-              "(press again to abort without saving)", file=sys.stderr)
-
-    @contextlib.contextmanager
-    def installed(self):
-        try:
-            previous = signal.signal(signal.SIGINT, self._handle)
-        except ValueError:  # not in the main thread (e.g. some notebook runners): no handler
-            yield self
-            return
-        try:
-            yield self
-        finally:
-            signal.signal(signal.SIGINT, previous)
+def alignment_settings(args):
+    return Alignment(method=args.align_method, restarts=args.align_restarts, seed=args.align_seed,
+                     latent_signs=not args.no_latent_signs, batches=args.align_batches)

@@ -20,7 +20,6 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from models.symmetry import apply_permutation, identity, permutation_spec
-from utils import positive
 
 MAX_SWEEPS = 100
 
@@ -149,7 +148,8 @@ def activation_matching(spec, model_a, model_b, batches, use_signs=True):
     for p, (sa, sb, saa, sbb, sab, count) in stats.items():
         mean_a, mean_b = sa / count, sb / count
         cov = sab / count - torch.outer(mean_a, mean_b)
-        std = torch.outer((saa / count - mean_a ** 2).clamp(min=0).sqrt(), (sbb / count - mean_b ** 2).clamp(min=0).sqrt())
+        std_a, std_b = ((s / count - m ** 2).clamp(min=0).sqrt() for s, m in ((saa, mean_a), (sbb, mean_b)))
+        std = torch.outer(std_a, std_b)
         corr = cov / (std + 1e-12)
         signed = use_signs and p in spec.signed
         perms[p] = _assignment(corr.abs() if signed else corr)
@@ -167,7 +167,8 @@ def align(model_a, model_b, method="weight", restarts=1, seed=0, use_signs=True,
         perms, signs, history = weight_matching(spec, params_a, params_b, restarts, seed, use_signs)
     elif method == "activation":
         perms, signs = activation_matching(spec, model_a, model_b, batches, use_signs)
-        history = [objective(spec, params_a, params_b, *identity(spec)), objective(spec, params_a, params_b, perms, signs)]
+        history = [objective(spec, params_a, params_b, *identity(spec)),
+                   objective(spec, params_a, params_b, perms, signs)]
     else:
         raise ValueError(f"unknown alignment method {method!r}")
     aligned = copy.deepcopy(model_b)
@@ -191,26 +192,10 @@ def apply_record(model, record):
     return aligned
 
 
-def add_align_args(parser, prefix="align_"):
-    """The alignment flags: align.py's own (prefix "": --method, --restarts, --seed), and those of
-    --align in train.py and eval_curve.py (--align_method, --align_restarts, --align_seed)."""
-    g = parser.add_argument_group("alignment")
-    g.add_argument(f"--{prefix}method", dest="align_method", choices=("weight", "activation"), default="weight",
-                   help="weight matching (Git Re-Basin) or activation matching on training batches (weight)")
-    g.add_argument(f"--{prefix}restarts", dest="align_restarts", type=positive(int), default=1,
-                   help="weight matching: keep the best of N random update orders (1)")
-    g.add_argument(f"--{prefix}seed", dest="align_seed", type=int, default=0, help="seed of the update orders (0)")
-    g.add_argument("--no_latent_signs", action="store_true",
-                   help="match the latent units by permutation only (default: also negate them: Tanh is odd)")
-    g.add_argument("--align_batches", type=positive(int), default=20,
-                   help="activation matching: training batches whose activations are correlated (20)")
-    return g
-
-
-def align_from_args(a, b, args, train_loader):
-    """align(a, b) as the alignment flags say; activation matching reads the first
-    --align_batches training batches."""
+def align_to(model_a, model_b, settings, train_loader):
+    """align(model_a, model_b) as `settings` (an aemc.settings.Alignment) says; activation matching
+    reads the first `settings.batches` training batches."""
     batches = None
-    if args.align_method == "activation":
-        batches = [x for _, x in zip(range(args.align_batches), train_loader.ordered())]
-    return align(a, b, args.align_method, args.align_restarts, args.align_seed, not args.no_latent_signs, batches)
+    if settings.method == "activation":
+        batches = [x for _, x in zip(range(settings.batches), train_loader.ordered())]
+    return align(model_a, model_b, settings.method, settings.restarts, settings.seed, settings.latent_signs, batches)

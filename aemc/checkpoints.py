@@ -1,32 +1,65 @@
 """The checkpoint schema: one dict of plain types and tensors, saved atomically, loaded safely,
 enough on its own to rebuild the model.
 
-Every checkpoint holds: format, kind ("autoencoder" or "curve"), model_config (the Autoencoder's
-arguments), curve_config (None, or curve, num_bends, fix_start, fix_end, init_linear and each
-endpoint's path and SHA-256), state_dict, optimizer (None for a point that is not a training
-state), scaler, epoch, batch and sums (a mid-epoch position), args (the run's flags), rng, and
-optionally source (where a derived checkpoint came from).
+On disk (format 2, `aemc.settings.FORMAT`) a checkpoint holds: format; kind ("autoencoder" or
+"curve"); architecture ({"name", "kwargs"}: the factory and its arguments); curve_config (None, or
+curve, num_bends, fix_start, fix_end, init_linear, alignment and each endpoint's path and
+SHA-256); state_dict; optimizer and scaler (None for an autoencoder that is not a training state:
+a point of a curve, an aligned endpoint); epoch, batch and sums (a mid-epoch position); settings
+(the run's `aemc.settings.Run`, as plain dicts); rng; and source (where a derived checkpoint came
+from). Format 1 stored `model_config` (the autoencoder's arguments) and `args` (the run's flags)
+instead of architecture and settings; `load` reads both formats into a `Checkpoint`.
 """
 import os
 import pickle
 import zipfile
+from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 
-from models.autoencoder import ARCH_DEFAULTS, Autoencoder
+import models
+from aemc import distributed
+from aemc.errors import UserError, warn
+from aemc.files import atomic_write, file_digest
+from aemc.settings import FORMAT, FORMATS, Architecture, Run
 from models.curves import CurveNet
-import distributed
-from utils import UserError, atomic_write, file_digest, warn
 
-FORMAT = "ae-mode-connectivity/1"
 ENDPOINT_FLAGS = {"init_start": "--init_start", "init_end": "--init_end"}
+
+
+@dataclass
+class Checkpoint:
+    kind: str                          # "autoencoder" or "curve"
+    architecture: Architecture
+    state_dict: dict
+    settings: Run = field(default_factory=Run)  # the run that made it: later commands inherit its data and loss
+    curve_config: Optional[dict] = None
+    optimizer: Optional[dict] = None   # None: not a training state
+    scaler: Optional[dict] = None
+    epoch: int = 0
+    batch: int = 0                     # > 0: saved in the middle of epoch `epoch + 1`, after this many batches
+    sums: Optional[dict] = None        # that epoch's running sums
+    rng: Optional[dict] = None
+    source: Optional[dict] = None
+    format: str = FORMAT               # the format it was read from
+
+    @property
+    def is_training_state(self):
+        return self.optimizer is not None
+
+    def to_dict(self):
+        return dict(format=FORMAT, kind=self.kind, architecture=self.architecture.to_dict(),
+                    curve_config=self.curve_config, state_dict=self.state_dict, optimizer=self.optimizer,
+                    scaler=self.scaler, epoch=self.epoch, batch=self.batch, sums=self.sums,
+                    settings=self.settings.to_dict(), rng=self.rng, source=self.source)
 
 
 def save(path, checkpoint):
     """Write `checkpoint` atomically: a crash or kill at any moment leaves either the previous file
     or the new one, never a half-written file."""
     with atomic_write(path) as f:
-        torch.save({"format": FORMAT, **checkpoint}, f)
+        torch.save(checkpoint.to_dict(), f)
 
 
 def load(path, kind=None, flag="checkpoint", map_location="cpu"):
@@ -37,7 +70,7 @@ def load(path, kind=None, flag="checkpoint", map_location="cpu"):
     if not path or not os.path.isfile(path):
         raise UserError(f"{flag} {path!r} does not exist")
     try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+        raw = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise UserError(f"{flag} {path} was refused: it is not a plain checkpoint and loading it "
@@ -45,47 +78,67 @@ def load(path, kind=None, flag="checkpoint", map_location="cpu"):
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
         raise UserError(f"{flag} {path} is corrupt or not a PyTorch checkpoint "
                         f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})")
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
+    if not isinstance(raw, dict) or raw.get("format") not in FORMATS:
+        if isinstance(raw, dict) and str(raw.get("format", "")).startswith("ae-mode-connectivity/"):
+            raise UserError(f"{flag} {path} has format {raw['format']}, newer than this version reads; update the tool")
         raise UserError(f"{flag} {path} is not a checkpoint written by this tool")
-    if kind is not None and checkpoint.get("kind") != kind:
-        raise UserError(f"{flag} {path} holds {_a(checkpoint.get('kind'))}, expected {_a(kind)}")
-    return checkpoint
+    if kind is not None and raw.get("kind") != kind:
+        raise UserError(f"{flag} {path} holds {_a(raw.get('kind'))}, expected {_a(kind)}")
+    if raw["format"] == FORMAT:
+        architecture = Architecture(**raw["architecture"])
+        settings = Run.from_dict(raw.get("settings") or {}, f"{flag} {path}")
+    else:  # format 1: the original autoencoder's arguments and the run's flags
+        architecture = Architecture("conv", dict(raw["model_config"]))
+        settings = Run.from_flags(raw.get("args"))
+    return Checkpoint(kind=raw["kind"], architecture=architecture, state_dict=raw["state_dict"], settings=settings,
+                      curve_config=raw.get("curve_config"), optimizer=raw.get("optimizer"),
+                      scaler=raw.get("scaler"), epoch=raw.get("epoch", 0), batch=raw.get("batch", 0),
+                      sums=raw.get("sums"), rng=raw.get("rng"), source=raw.get("source"), format=raw["format"])
 
 
 def _a(noun):
     return f"{'an' if str(noun)[:1] in 'aeiou' else 'a'} {noun}"
 
 
+def build_architecture(architecture):
+    """A freshly initialised module of `architecture`."""
+    try:
+        return models.build(architecture.name, architecture.kwargs)
+    except (ValueError, TypeError) as e:
+        raise UserError(f"cannot build the architecture {architecture.name} {architecture.kwargs}: {e}")
+
+
 def build_model(checkpoint):
-    """Rebuild the saved Autoencoder or CurveNet from a checkpoint alone, weights loaded."""
-    model = Autoencoder(**checkpoint["model_config"])
-    if checkpoint["kind"] == "curve":
-        c = checkpoint["curve_config"]
+    """Rebuild the saved autoencoder or CurveNet from a checkpoint alone, weights loaded."""
+    model = build_architecture(checkpoint.architecture)
+    if checkpoint.kind == "curve":
+        c = checkpoint.curve_config
         model = CurveNet(model, c["curve"], c["num_bends"], c["fix_start"], c["fix_end"])
-    model.load_state_dict(checkpoint["state_dict"])
+    model.load_state_dict(checkpoint.state_dict)
     return model
 
 
 def load_endpoint(path, flag):
-    """An endpoint checkpoint -> (Autoencoder with its weights and buffers, checkpoint)."""
+    """An endpoint checkpoint -> (autoencoder with its weights and buffers, checkpoint)."""
     checkpoint = load(path, kind="autoencoder", flag=flag)
     return build_model(checkpoint), checkpoint
 
 
-def load_endpoints(paths, flags=tuple(ENDPOINT_FLAGS.values())):
-    """Several endpoint checkpoints of one architecture -> [(model, checkpoint), ...]."""
+def load_endpoints(paths, flags=None):
+    """Several endpoint checkpoints of one architecture -> [(model, checkpoint), ...]; `flags` name
+    them in errors (default: --init_start, --init_end)."""
+    flags = flags or tuple(ENDPOINT_FLAGS.values())
     loaded = [load_endpoint(p, f) for p, f in zip(paths, flags)]
     for (_, ck), path in zip(loaded[1:], paths[1:]):
-        check_same_architecture([loaded[0][1]["model_config"], ck["model_config"]], (paths[0], path))
+        check_same_architecture([loaded[0][1], ck], (paths[0], path))
     return loaded
 
 
-def autoencoder(model, args, epoch=0, source=None):
+def autoencoder(model, architecture, settings, epoch=0, source=None):
     """The checkpoint of an ordinary autoencoder that is not a training state (a point of a curve,
     an aligned endpoint): usable wherever an endpoint is, refused by --resume."""
-    return dict(kind="autoencoder", model_config=dict(model.config), curve_config=None,
-                state_dict=model.state_dict(), optimizer=None, scaler=None, epoch=epoch, batch=0,
-                sums=None, args=args, rng=None, source=source)
+    return Checkpoint(kind="autoencoder", architecture=architecture, state_dict=model.state_dict(),
+                      settings=settings, epoch=epoch, source=source)
 
 
 # ----------------------------------------------------------------------------- settings
@@ -98,21 +151,34 @@ def check_config(given, saved, what):
         raise UserError(f"settings differ from {what}: " + "; ".join(diffs))
 
 
-def resolve_settings(args, saved, defaults):
-    """Settings from flags, else from a saved configuration, else `defaults`; a flag that
-    contradicts the saved configuration is an error naming the difference."""
-    given = {k: getattr(args, k) for k in defaults}
-    if saved is not None:
-        check_config(given, saved, "the checkpoint")
-    return {k: given[k] if given[k] is not None else (saved or {}).get(k, defaults[k]) for k in defaults}
+def check_same_architecture(checkpoints, names):
+    """Checkpoints (autoencoders or curves) must hold models of one architecture: the same factory,
+    and parameters and buffers of the same names and shapes (their kwargs may differ only where
+    that keeps them, e.g. the init scheme)."""
+    (a, b), (na, nb) = checkpoints, names
+    if a.architecture.name == b.architecture.name and module_shapes(a) == module_shapes(b):
+        return
+    ka, kb = a.architecture.kwargs, b.architecture.kwargs
+    diffs = [f"{k} {ka.get(k)} ({na}) vs {kb.get(k)} ({nb})"
+             for k in sorted(set(ka) | set(kb)) if ka.get(k) != kb.get(k)]
+    if a.architecture.name != b.architecture.name:
+        diffs.insert(0, f"architecture {a.architecture.name} ({na}) vs {b.architecture.name} ({nb})")
+    raise UserError("the endpoints have different architectures: "
+                    + ("; ".join(diffs) or "their tensors' shapes differ"))
 
 
-def check_same_architecture(configs, names):
-    """Two models must share every architecture setting."""
-    (a, b), (na, nb) = configs, names
-    diffs = [f"{k} {a[k]} ({na}) vs {b[k]} ({nb})" for k in ARCH_DEFAULTS if a[k] != b[k]]
-    if diffs:
-        raise UserError("the endpoints have different architectures: " + "; ".join(diffs))
+def module_shapes(checkpoint):
+    """{name: shape} of every parameter and buffer of the autoencoder a checkpoint holds (of a
+    curve: of its base module, i.e. of each point)."""
+    state = checkpoint.state_dict
+    if checkpoint.kind != "curve":
+        return {k: tuple(v.shape) for k, v in state.items()}
+    shapes = {}
+    for k, v in state.items():
+        for prefix in ("bends.0.", "base."):
+            if k.startswith(prefix):
+                shapes[k[len(prefix):]] = tuple(v.shape)
+    return shapes
 
 
 # ----------------------------------------------------------------------------- curve endpoints

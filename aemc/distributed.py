@@ -15,7 +15,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from utils import UserError
+from aemc.errors import UserError
 
 
 def world():

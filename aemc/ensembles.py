@@ -10,11 +10,24 @@
 * diversity between two members = mean |f_a(x) - f_b(x)| over the test images and their pixels.
 """
 from collections import defaultdict
+from typing import NamedTuple
 
 import torch
 from torch.func import functional_call
 
-from speed import accumulator_dtype, autocast
+from aemc.speed import accumulator_dtype, autocast
+
+
+class Ensemble(NamedTuple):
+    """Which members an ensemble has (their keys) and which family it belongs to: "curve" and
+    "segment" (points of those paths), "endpoints", "checkpoints", "snapshots"."""
+    family: str
+    keys: list
+
+    @property
+    def name(self):
+        """How tables show it: "endpoints", "curve, 3", ..."""
+        return self.family if self.family == "endpoints" else f"{self.family}, {len(self.keys)}"
 
 
 def _zero(device):
@@ -75,16 +88,16 @@ def score_ensembles(module, members, ensembles, test_batches, loss_fns, image_me
 
     module: a module of the members' architecture, run with each member's parameters and buffers
     (`members`: {key: state dict}) through torch.func.functional_call, in eval mode;
-    ensembles: {name: [member keys]}. Returns {name: {"members": [per-member {metric: value}],
-    "member_mean": {...}, "ensemble": {...}, "gain": {...}}}, metrics per image averaged over the
-    test images; gain = member_mean - ensemble.
+    ensembles: [Ensemble]. Returns {ensemble name: {"family", "keys", "members": [per-member
+    {metric: value}], "member_mean": {...}, "ensemble": {...}, "gain": {...}}}, metrics per image
+    averaged over the test images; gain = member_mean - ensemble.
     """
     module.eval()
     device = test_batches.device
     fns = {**loss_fns, **(image_metrics or {})}
     per_image = set(image_metrics or {})
     member_sums = {key: defaultdict(lambda: _zero(device)) for key in members}
-    ensemble_sums = {name: defaultdict(lambda: _zero(device)) for name in ensembles}
+    ensemble_sums = {e.name: defaultdict(lambda: _zero(device)) for e in ensembles}
 
     def score(sums, out, x):
         for name, fn in fns.items():
@@ -96,16 +109,16 @@ def score_ensembles(module, members, ensembles, test_batches, loss_fns, image_me
             with autocast(device, amp):
                 outputs[key] = functional_call(module, state, (x,)).float()
             score(member_sums[key], outputs[key], x)
-        for name, keys in ensembles.items():
-            score(ensemble_sums[name], torch.stack([outputs[k] for k in keys]).mean(0), x)
+        for e in ensembles:
+            score(ensemble_sums[e.name], torch.stack([outputs[k] for k in e.keys]).mean(0), x)
     n = test_batches.num_images
     member_values = {key: {m: (v / n).item() for m, v in sums.items()} for key, sums in member_sums.items()}
     table = {}
-    for name, keys in ensembles.items():
-        ensemble = {m: (v / n).item() for m, v in ensemble_sums[name].items()}
-        mean = {m: sum(member_values[k][m] for k in keys) / len(keys) for m in fns}
-        table[name] = {"keys": list(keys), "members": [member_values[k] for k in keys], "member_mean": mean,
-                       "ensemble": ensemble, "gain": {m: mean[m] - ensemble[m] for m in fns}}
+    for e in ensembles:
+        ensemble = {m: (v / n).item() for m, v in ensemble_sums[e.name].items()}
+        mean = {m: sum(member_values[k][m] for k in e.keys) / len(e.keys) for m in fns}
+        table[e.name] = {"family": e.family, "keys": list(e.keys), "members": [member_values[k] for k in e.keys],
+                         "member_mean": mean, "ensemble": ensemble, "gain": {m: mean[m] - ensemble[m] for m in fns}}
     return table
 
 

@@ -3,27 +3,26 @@ import imageio.v3 as iio
 import numpy as np
 import torch
 import torchvision.utils as vutils
-from torchvision.transforms.functional import to_pil_image
 from matplotlib.figure import Figure  # no pyplot: no global backend state, works headless
 from PIL import Image, ImageDraw
+from torchvision.transforms.functional import to_pil_image
 
-COLOURS = {"curve": "tab:blue", "segment": "tab:red", "aligned": "tab:green"}
+COLOURS = {"curve": "tab:blue", "segment": "tab:red", "aligned_segment": "tab:green"}  # by PathKey.name
 SCALE = 2      # reconstructions are 64x64: drawn at 2x in GIFs and strips
 HEADER = 22    # pixels of caption above each GIF frame
 
 
 def plot_metric(walks, key, ylabel, path, title=None):
-    """`key` against t for every walk {label: {"ts": [...], "train_<key>": [...], "test_<key>": [...]}}:
+    """`key` against t for every walk {PathKey: {"ts": [...], "train_<key>": [...], "test_<key>": [...]}}:
     train solid, test dashed, one colour per path (as in Garipov et al.'s figures)."""
     fig = Figure(figsize=(6, 4), dpi=120)
     ax = fig.subplots()
-    for label, walk in walks.items():
-        colour = COLOURS.get(label.split()[0], None)
+    for path_key, walk in walks.items():
         for split, style in (("train", "-"), ("test", "--")):
             values = walk.get(f"{split}_{key}")
             if values is not None:
-                ax.plot(walk["ts"], values, style, marker="o", markersize=3, color=colour,
-                        label=f"{label}, {split}")
+                ax.plot(walk["ts"], values, style, marker="o", markersize=3, color=COLOURS.get(path_key.name),
+                        label=f"{path_key.label}, {split}")
     ax.set_xlabel("t")
     ax.set_ylabel(ylabel)
     if title:
@@ -39,13 +38,13 @@ def plot_ensemble(walks, loss_name, path, title=None):
     ensemble of the point with each end (mean of the two members' losses - the ensemble's loss)."""
     fig = Figure(figsize=(10, 4), dpi=120)
     left, right = fig.subplots(1, 2)
-    for label, walk in walks.items():
-        colour = COLOURS.get(label.split()[0], None)
+    for key, walk in walks.items():
+        colour = COLOURS.get(key.name)
         for side, style in (("start", "-"), ("end", "--")):
             left.plot(walk["ts"], walk[f"diversity_{side}"], style, marker="o", markersize=3, color=colour,
-                      label=f"{label}, from the {side}")
+                      label=f"{key.label}, from the {side}")
             right.plot(walk["ts"], walk[f"ensemble_{side}_loss_gain"], style, marker="o", markersize=3,
-                       color=colour, label=f"{label}, with the {side}")
+                       color=colour, label=f"{key.label}, with the {side}")
     left.set_ylabel("diversity: mean |f_t(x) - f_end(x)|")
     right.set_ylabel(f"ensemble gain ({loss_name}): members' mean - ensemble")
     for ax in (left, right):
@@ -59,13 +58,13 @@ def plot_ensemble(walks, loss_name, path, title=None):
 
 
 def plot_ensembles(table, loss_name, path, title=None):
-    """Test loss against the number of members, one colour per family of ensembles ("curve, k",
-    "segment, k", ...): the ensemble's loss (solid) and the mean of its members' (dashed)."""
+    """Test loss against the number of members, one colour per family of ensembles (row["family"]:
+    curve, segment, endpoints, ...): the ensemble's loss (solid) and the mean of its members' (dashed)."""
     fig = Figure(figsize=(6, 4), dpi=120)
     ax = fig.subplots()
     families = {}
-    for name, row in table.items():
-        families.setdefault(name.split(",")[0], []).append((len(row["keys"]), row))
+    for row in table.values():
+        families.setdefault(row["family"], []).append((len(row["keys"]), row))
     for family, rows in families.items():
         colour = COLOURS.get(family, "black" if family == "endpoints" else None)
         ks = [k for k, _ in rows]
@@ -92,10 +91,9 @@ def plot_loss_grid(rows, path):
     axes = fig.subplots(len(losses), len(pairs), squeeze=False)
     for row in rows:
         ax = axes[losses.index(row["loss"])][pairs.index((row["start"], row["end"]))]
-        for label, walk in row["walks"].items():
-            key = "aligned" if label.startswith("aligned") else label.split()[0]
-            ax.plot(walk["ts"], walk["test_loss"], "-", marker="o", markersize=2, color=COLOURS.get(key),
-                    label=label)
+        for key, walk in row["walks"].items():
+            ax.plot(walk["ts"], walk["test_loss"], "-", marker="o", markersize=2, color=COLOURS.get(key.name),
+                    label=key.label)
         ax.set_title(f"{row['loss']}: {row['start']} / {row['end']}", fontsize=8)
         ax.set_xlabel("t", fontsize=7)
         ax.set_ylabel(f"test {row['loss']} loss", fontsize=7)

@@ -6,10 +6,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from utils import UserError, file_digest, positive
+from aemc.errors import UserError
+from aemc.files import file_digest
+from aemc.settings import Loss
 
 LOSSES = ("mae", "laplacian")
-LOSS_DEFAULTS = dict(loss_function="mae", num_filters=5)  # what a run optimises, unless told
 
 
 def _binomial_kernel(channels):
@@ -88,7 +89,7 @@ class LaplacianPyramidLoss(nn.Module):
         return loss
 
 
-def build_loss(name=LOSS_DEFAULTS["loss_function"], num_filters=LOSS_DEFAULTS["num_filters"], channels=3):
+def build_loss(name=Loss.loss_function, num_filters=Loss.num_filters, channels=3):
     """The reconstruction loss a run trains with: 'mae' or 'laplacian' (num_filters levels)."""
     if name == "mae":
         return nn.L1Loss()
@@ -97,22 +98,13 @@ def build_loss(name=LOSS_DEFAULTS["loss_function"], num_filters=LOSS_DEFAULTS["n
     raise ValueError(f"unknown loss {name!r}; choose from {LOSSES}")
 
 
-def add_loss_args(p):
-    """--loss_function and --num_filters of an evaluation (read by evaluation_losses)."""
-    p.add_argument("--loss_function", choices=LOSSES, default=None, help="default: the run's loss")
-    p.add_argument("--num_filters", type=positive(int), default=None, help="pyramid levels (the run's)")
-
-
-def evaluation_losses(args, run_args, device):
-    """The losses an evaluation reports, named as in its outputs: {"loss": the run's loss (or
-    --loss_function / --num_filters when given), "l1": L1 too when that loss is not L1}.
-    Returns (loss name, {name: loss module})."""
-    name, levels = (getattr(args, k, None) or (run_args or {}).get(k) or LOSS_DEFAULTS[k]
-                    for k in ("loss_function", "num_filters"))
-    fns = {"loss": build_loss(name, levels).to(device)}
-    if name != "mae":
+def evaluation_losses(loss, device):
+    """The losses an evaluation reports for `loss` (a Loss), named as in its outputs: {"loss": that
+    loss, "l1": L1 too when that loss is not L1}."""
+    fns = {"loss": build_loss(loss.loss_function, loss.num_filters).to(device)}
+    if loss.loss_function != "mae":
         fns["l1"] = build_loss("mae")
-    return name, fns
+    return fns
 
 
 # ----------------------------------------------------------------------------- LPIPS
@@ -134,18 +126,11 @@ class LPIPSUnavailable(Exception):
     pass
 
 
-def add_lpips_args(p, help):
-    p.add_argument("--lpips", action="store_true", help=help)
-    p.add_argument("--lpips_weights", default=None, help="AlexNet weights file for LPIPS (see README)")
-
-
-def lpips_from_args(args, device):
-    """LPIPS on the device with --lpips, else None. Called at a script's start, so that a missing
-    backbone fails before any work, with one clear message."""
-    if not args.lpips:
-        return None
+def build_lpips(weights, device):
+    """LPIPS on the device, for a script's start: a missing backbone fails before any work, in one
+    line naming the ways to get it."""
     try:
-        return LPIPS(args.lpips_weights).to(device)
+        return LPIPS(weights).to(device)
     except LPIPSUnavailable as e:
         raise UserError(f"--lpips: {e}")
 
@@ -241,6 +226,7 @@ class LPIPS(nn.Module):
     def __init__(self, weights=None):
         super().__init__()
         import warnings
+
         import lpips
         state, lins, source = alexnet_features(weights)
         with warnings.catch_warnings():  # lpips passes torchvision's deprecated `pretrained=`

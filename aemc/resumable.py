@@ -11,8 +11,9 @@ import os
 import numpy as np
 from tqdm import tqdm
 
-import distributed
-from utils import Interrupted, UserError, atomic_write
+from aemc import distributed
+from aemc.errors import Interrupted, UserError
+from aemc.files import atomic_write
 
 CONFIG = "sweep_config"
 DONE = "done"

@@ -1,27 +1,11 @@
-"""The speed options every script shares: mixed precision, memory layout, torch.compile, where the
-data live. They change how fast results come, not the results (beyond round-off)."""
+"""The speed options every script shares (`aemc.settings.Speed`): mixed precision, memory layout,
+torch.compile, where the data live, TF32. They change how fast results come, not the results
+(beyond round-off)."""
 import torch
 
-from utils import UserError
+from aemc.errors import UserError
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def add_speed_args(parser):
-    g = parser.add_argument_group("speed (results stay within tolerance of the defaults)")
-    g.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none",
-                   help="mixed-precision forward passes: bf16 (CPU or CUDA) or fp16 (CUDA, with "
-                        "gradient scaling); losses are computed in float32 (none)")
-    g.add_argument("--channels_last", action="store_true",
-                   help="NHWC memory layout for weights and images (faster convolutions)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model (slow first steps)")
-    g.add_argument("--no_gpu_data", action="store_true",
-                   help="on CUDA, keep the dataset in host memory (copied through pinned staging "
-                        "buffers) even when it fits on the GPU")
-    g.add_argument("--no_tf32", action="store_true",
-                   help="on Ampere and later GPUs, compute float32 convolutions in full float32 "
-                        "instead of PyTorch's default TF32 (slower; reproducible to more digits)")
-    return g
 
 
 def native_bf16(device):
@@ -48,13 +32,15 @@ def check_amp(amp, device):
 
 
 def configure(device, speed):
-    """Backend switches for a run on `device`: cuDNN benchmarks its convolution algorithms for the
-    run's fixed shapes and keeps the fastest; --no_tf32 turns off TF32 for float32 convolutions
-    and matrix products (PyTorch uses TF32 for convolutions by default on Ampere and later)."""
+    """Backend switches for a run on `device` with `speed` (a Speed): cuDNN benchmarks its
+    convolution algorithms for the run's fixed shapes and keeps the fastest; without `speed.tf32`
+    float32 convolutions and matrix products are computed in full float32 (PyTorch uses TF32 for
+    convolutions by default on Ampere and later)."""
+    check_amp(speed.amp, device)
     if device.type != "cuda":
         return
     torch.backends.cudnn.benchmark = True
-    if getattr(speed, "no_tf32", False):
+    if not speed.tf32:
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
 
@@ -70,17 +56,16 @@ def make_scaler(device, amp):
 
 
 def prepare_model(model, speed, data_parallel=False):
-    """Apply --channels_last (in place), wrap the model in DistributedDataParallel when
-    `data_parallel` (training under torchrun), and --compile; returns the module to run. `speed`:
-    args or any object with those attributes (None: neither)."""
-    if getattr(speed, "channels_last", False):
+    """Apply `speed.channels_last` (in place), wrap the model in DistributedDataParallel when
+    `data_parallel` (training under torchrun), and `speed.compile`; returns the module to run."""
+    if speed.channels_last:
         model.to(memory_format=torch.channels_last)
     runner = model
     if data_parallel:
         device = next(model.parameters()).device
         runner = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    return torch.compile(runner) if getattr(speed, "compile", False) else runner
+    return torch.compile(runner) if speed.compile else runner
 
 
 def accumulator_dtype(device):

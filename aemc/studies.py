@@ -12,19 +12,56 @@ import json
 import os
 import shlex
 from dataclasses import dataclass, field
+from typing import Optional
 
-from utils import UserError, atomic_write, file_digest, output_stem, write_json
+from aemc import reports
+from aemc.errors import UserError
+from aemc.files import atomic_write, file_digest, output_stem, write_json
+from aemc.paths import PathKey
+
+
+@dataclass(frozen=True)
+class StudySettings:
+    """What a study runs: the grid (losses x pairs of inits), the sizes, and what each stage is
+    told. A None is a flag left out of the stages' command lines (the scripts' defaults)."""
+    dataset: str = "synthetic"
+    data_path: Optional[str] = None
+    max_images: Optional[int] = None
+    in_filters: int = 64
+    latent_dim: int = 128
+    batch_size: int = 64
+    lr: float = 1e-4
+    epochs: int = 100
+    curve_epochs: int = 100
+    num_points: int = 21
+    grid_points: int = 21
+    device: Optional[str] = None
+    num_workers: int = 4
+    lpips: bool = False
+    losses: tuple = ("mae", "laplacian")
+    inits: tuple = ("normal", "kaiming_normal", "kaiming_uniform")
+    curve: str = "Bezier"
+    num_bends: int = 3
+    plane: bool = False
+    align: bool = False
+    amp: Optional[str] = None
+    channels_last: bool = False
+    compile: bool = False
+    no_gpu_data: bool = False
+
 
 PRESETS = {
     # CPU, minutes, built-in faces: the tests run it
-    "tiny": dict(dataset="synthetic", max_images=400, in_filters=4, latent_dim=8, batch_size=32, lr=1e-3,
-                 epochs=2, curve_epochs=2, num_points=5, grid_points=5, device="cpu", num_workers=0, lpips=False),
+    "tiny": StudySettings(dataset="synthetic", max_images=400, in_filters=4, latent_dim=8, batch_size=32, lr=1e-3,
+                          epochs=2, curve_epochs=2, num_points=5, grid_points=5, device="cpu", num_workers=0,
+                          lpips=False),
     # the demo's size (make demo), on built-in faces
-    "small": dict(dataset="synthetic", max_images=4000, in_filters=16, latent_dim=64, batch_size=64, lr=1e-3,
-                  epochs=8, curve_epochs=8, num_points=11, grid_points=11, device=None, num_workers=4, lpips=True),
+    "small": StudySettings(dataset="synthetic", max_images=4000, in_filters=16, latent_dim=64, batch_size=64,
+                           lr=1e-3, epochs=8, curve_epochs=8, num_points=11, grid_points=11, num_workers=4,
+                           lpips=True),
     # the original project's settings on CelebA (a GPU's work)
-    "paper": dict(dataset="celeba", max_images=None, in_filters=64, latent_dim=128, batch_size=64, lr=1e-4,
-                  epochs=100, curve_epochs=100, num_points=21, grid_points=21, device=None, num_workers=4, lpips=True),
+    "paper": StudySettings(dataset="celeba", max_images=None, in_filters=64, latent_dim=128, batch_size=64, lr=1e-4,
+                           epochs=100, curve_epochs=100, num_points=21, grid_points=21, num_workers=4, lpips=True),
 }
 DATA_FLAGS = ("dataset", "data_path", "max_images", "batch_size", "num_workers", "device")
 SPEED_FLAGS = ("amp", "channels_last", "compile", "no_gpu_data")
@@ -48,7 +85,7 @@ class Stage:
 def _flags(settings, names):
     words = []
     for name in names:
-        value = settings.get(name)
+        value = getattr(settings, name)
         if value is True:
             words.append(f"--{name}")
         elif value is not None and value is not False:
@@ -57,45 +94,44 @@ def _flags(settings, names):
 
 
 def plan(root, settings):
-    """The stages of the study in dependency order (every input made by an earlier stage)."""
+    """The stages of the study (a StudySettings) in dependency order (every input made by an
+    earlier stage)."""
     common = _flags(settings, DATA_FLAGS) + _flags(settings, SPEED_FLAGS)
     size = _flags(settings, ("in_filters", "latent_dim", "lr"))
     stages, ends = [], {}
-    for loss in settings["losses"]:
-        for seed, init in enumerate(settings["inits"], start=1):
+    for loss in settings.losses:
+        for seed, init in enumerate(settings.inits, start=1):
             run = os.path.join(root, "endpoints", f"{loss}-{init}")
-            ends[loss, init] = os.path.join(run, f"checkpoint-{settings['epochs']}.pt")
+            ends[loss, init] = os.path.join(run, f"checkpoint-{settings.epochs}.pt")
             stages.append(Stage(f"endpoint {loss} {init}", [
                 "train.py", "--dir", run, "--loss_function", loss, "--conv_init", init, "--seed", str(seed),
-                "--epochs", str(settings["epochs"]), "--save_freq", str(settings["epochs"]), *size, *common],
+                "--epochs", str(settings.epochs), "--save_freq", str(settings.epochs), *size, *common],
                 ends[loss, init], resume=os.path.join(run, "checkpoint-last.pt")))
-        for a, b in itertools.combinations(settings["inits"], 2):
+        for a, b in itertools.combinations(settings.inits, 2):
             pair = f"{loss}-{a}--{b}"
             run = os.path.join(root, "curves", pair)
-            curve = os.path.join(run, f"checkpoint-{settings['curve_epochs']}.pt")
+            curve = os.path.join(run, f"checkpoint-{settings.curve_epochs}.pt")
             stages.append(Stage(f"curve {loss} {a}/{b}", [
-                "train.py", "--dir", run, "--curve", settings["curve"], "--num_bends", str(settings["num_bends"]),
+                "train.py", "--dir", run, "--curve", settings.curve, "--num_bends", str(settings.num_bends),
                 "--init_start", ends[loss, a], "--init_end", ends[loss, b], "--fix_start", "--fix_end",
-                "--epochs", str(settings["curve_epochs"]), "--save_freq", str(settings["curve_epochs"]),
-                "--loss_function", loss, "--lr", str(settings["lr"]), *common],
+                "--epochs", str(settings.curve_epochs), "--save_freq", str(settings.curve_epochs),
+                "--loss_function", loss, "--lr", str(settings.lr), *common],
                 curve, [ends[loss, a], ends[loss, b]], resume=os.path.join(run, "checkpoint-last.pt")))
             stages.append(Stage(f"check_ends {loss} {a}/{b}", [
                 "check_ends.py", "--ckpt", curve, "--dir", run, *_flags(settings, ("device",))],
                 os.path.join(run, "check_ends-t1.png"), [curve], adopt=False))
             evaluation = os.path.join(root, "eval", pair)
-            suffix = "-aligned" if settings["align"] else ""
             stages.append(Stage(f"eval_curve {loss} {a}/{b}", [
-                "eval_curve.py", "--ckpt", curve, "--dir", evaluation, "--num_points", str(settings["num_points"]),
+                "eval_curve.py", "--ckpt", curve, "--dir", evaluation, "--num_points", str(settings.num_points),
                 *_flags(settings, ("lpips", "align", "device", *SPEED_FLAGS))],
-                os.path.join(evaluation, f"{output_stem(curve)}-curve-{settings['num_points']}pts{suffix}.json"),
-                [curve]))
-            if settings["plane"]:
+                reports.walk_report(evaluation, {"ckpt": curve}, settings.num_points, settings.align), [curve]))
+            if settings.plane:
                 plane = os.path.join(root, "plane", pair)
-                g = settings["grid_points"]
+                g = settings.grid_points
                 stages.append(Stage(f"plane {loss} {a}/{b}", [
                     "plane.py", "--ckpt", curve, "--dir", plane, "--grid_points", str(g),
                     *_flags(settings, ("device", *SPEED_FLAGS))],
-                    os.path.join(plane, f"{output_stem(curve)}-plane-{g}x{g}.json"), [curve]))
+                    reports.plane_base(plane, f"{output_stem(curve)}-plane", g) + ".json", [curve]))
     return stages
 
 
@@ -162,31 +198,32 @@ class StudyState:
 
 
 def results(root, settings):
-    """One row per (loss, pair of inits), from each evaluation's own results file."""
+    """One row per (loss, pair of inits), from each evaluation's own report (read by the function of
+    the code that wrote it)."""
     rows = []
-    for loss in settings["losses"]:
-        for a, b in itertools.combinations(settings["inits"], 2):
-            curve = os.path.join(root, "curves", f"{loss}-{a}--{b}", f"checkpoint-{settings['curve_epochs']}.pt")
-            suffix = "-aligned" if settings["align"] else ""
-            report_path = os.path.join(root, "eval", f"{loss}-{a}--{b}",
-                                       f"{output_stem(curve)}-curve-{settings['num_points']}pts{suffix}.json")
-            with open(report_path) as f:
-                report = json.load(f)
-            paths = report["paths"]
-            curve_walk = next(v for k, v in paths.items() if k.startswith("curve"))
-            segment = paths["segment"]
+    for loss in settings.losses:
+        for a, b in itertools.combinations(settings.inits, 2):
+            curve = os.path.join(root, "curves", f"{loss}-{a}--{b}", f"checkpoint-{settings.curve_epochs}.pt")
+            report_path = reports.walk_report(os.path.join(root, "eval", f"{loss}-{a}--{b}"), {"ckpt": curve},
+                                              settings.num_points, settings.align)
+            report = reports.read_walks(report_path)
+            paths = report.paths
+            curve_walk = next(walk for key, walk in paths.items() if key.kind == "curve")
+            segment = paths[PathKey("segment")]
             row = {"loss": loss, "start": a, "end": b,
                    "start_test_loss": curve_walk["test_loss"][0], "end_test_loss": curve_walk["test_loss"][-1],
                    "segment_peak": max(segment["test_loss"]),
                    "segment_barrier": segment["barriers"]["test_loss"]["above_mean_of_ends"],
                    "curve_peak": max(curve_walk["test_loss"]),
                    "curve_barrier": curve_walk["barriers"]["test_loss"]["above_mean_of_ends"],
-                   "length_ratio": report["length_ratio"]}
+                   "length_ratio": report.length_ratio}
             if "test_lpips" in segment:
-                row.update(segment_lpips_peak=max(segment["test_lpips"]), curve_lpips_peak=max(curve_walk["test_lpips"]))
-            if "aligned segment" in paths:
-                row["aligned_segment_barrier"] = paths["aligned segment"]["barriers"]["test_loss"]["above_mean_of_ends"]
-            row["walks"] = {label: {"ts": walk["ts"], "test_loss": walk["test_loss"]} for label, walk in paths.items()}
+                row.update(segment_lpips_peak=max(segment["test_lpips"]),
+                           curve_lpips_peak=max(curve_walk["test_lpips"]))
+            aligned = paths.get(PathKey("segment", aligned=True))
+            if aligned is not None:
+                row["aligned_segment_barrier"] = aligned["barriers"]["test_loss"]["above_mean_of_ends"]
+            row["walks"] = {key: {"ts": walk["ts"], "test_loss": walk["test_loss"]} for key, walk in paths.items()}
             row["report"] = report_path
             rows.append(row)
     return rows

@@ -94,7 +94,8 @@ def permutation_spec(model, image_size=64):
             perm_of[node] = incoming
         elif isinstance(module, ELEMENTWISE + (nn.Flatten, nn.Unflatten)):
             if isinstance(module, (nn.Flatten, nn.Unflatten)) and incoming is not None:
-                shape = source.meta["tensor_meta"].shape if isinstance(module, nn.Flatten) else node.meta["tensor_meta"].shape
+                spatial = source if isinstance(module, nn.Flatten) else node  # the side with the channel axis
+                shape = spatial.meta["tensor_meta"].shape
                 if any(s != 1 for s in shape[2:]):
                     raise NotImplementedError(f"permutation_spec: {node.target} reshapes channels with "
                                               f"spatial size {tuple(shape[2:])}; only 1 x 1 is supported")

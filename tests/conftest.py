@@ -4,8 +4,7 @@ import sys
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # pyproject puts it on sys.path
 
 # A tiny configuration: every run below takes seconds on 2 CPU cores.
 TINY = ["--dataset", "synthetic", "--max_images", "160", "--in_filters", "4", "--latent_dim", "8",
@@ -45,7 +44,8 @@ def run_script(script, *argv, separate_process=False, timeout=300):
     import importlib
     import io
     import traceback
-    from utils import run_cli
+
+    from aemc.cli import run_cli
     module = importlib.import_module(script[:-len(".py")])
     out, err, code = io.StringIO(), io.StringIO(), 0
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):

@@ -14,13 +14,14 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import distributed  # noqa: E402
-import speed  # noqa: E402
-import trainer  # noqa: E402
-from loader import TensorLoader  # noqa: E402
-from models.curves import TSampler, connect  # noqa: E402
-from synthetic import synthetic_faces  # noqa: E402
-from torch import nn  # noqa: E402
+from torch import nn
+
+import trainer
+from aemc import distributed, speed
+from aemc.data.loader import TensorLoader
+from aemc.data.synthetic import synthetic_faces
+from aemc.settings import Speed
+from models.curves import TSampler, connect
 
 IMAGES, BATCH, WD = 64, 16, 1e-3
 
@@ -55,7 +56,7 @@ def main(mode, out):
             return t
         model.t_sampler = recording
     loader = TensorLoader(synthetic_faces(IMAGES), BATCH, shuffle=True, seed=3, shard=(rank, world))
-    runner = speed.prepare_model(model, None, data_parallel=True)
+    runner = speed.prepare_model(model, Speed(), data_parallel=True)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
     trainer.train_one_epoch(runner, loader, optimizer, nn.L1Loss(), curve_wd=0.0 if mode == "endpoint" else WD,
                             verbose=False)

@@ -4,15 +4,16 @@ import pytest
 import torch
 from torch import nn
 
-import checkpoints
 import eval_curve
-from alignment import align
+from aemc import checkpoints
+from aemc.alignment import align
+from aemc.data.loader import to_float
+from aemc.data.synthetic import synthetic_faces
+from aemc.files import file_digest
+from aemc.paths import PathKey
 from conftest import DATA, curve_argv, run_script, train_main
-from loader import to_float
 from models.autoencoder import Autoencoder
 from models.symmetry import apply_permutation, permutation_spec, random_permutation
-from synthetic import synthetic_faces
-from utils import file_digest
 
 
 def tiny(seed, f=8, latent=16):
@@ -131,9 +132,9 @@ def test_align_writes_an_endpoint_that_computes_the_same_function_closer_to_the_
     out, stdout = aligned_file
     (a, _), (b, _) = [checkpoints.load_endpoint(p, "end") for p in ends]
     aligned, ck = checkpoints.load_endpoint(out, "--out")
-    record = ck["source"]["alignment"]
-    assert ck["source"]["original"]["sha256"] == file_digest(ends[1])
-    assert ck["source"]["aligned_to"]["sha256"] == file_digest(ends[0])
+    record = ck.source["alignment"]
+    assert ck.source["original"]["sha256"] == file_digest(ends[1])
+    assert ck.source["aligned_to"]["sha256"] == file_digest(ends[0])
     assert set(record["permutations"]) == set(permutation_spec(a).sizes)
     x = to_float(synthetic_faces(16, seed=9))
     with torch.no_grad():
@@ -150,23 +151,24 @@ def test_eval_curve_walks_the_raw_and_the_aligned_segment(ends, aligned_file, tm
     result = eval_curve.main(eval_curve.get_args_parser().parse_args(
         ["--connect", "TRIVIAL", "--init_start", ends[0], "--init_end", ends[1], "--align", "--num_points", "3",
          "--bn_batches", "2", "--device", "cpu", "--dir", str(tmp_path), *DATA[:4]]))
+    raw, aligned_key = PathKey("segment"), PathKey("segment", aligned=True)
     paths = result["paths"]
-    assert set(paths) == {"segment", "aligned segment"}
+    assert set(paths) == {raw, aligned_key}
     # the same ends (pi(B) computes B's function), a different middle
-    assert paths["aligned segment"]["test_loss"][-1] == pytest.approx(paths["segment"]["test_loss"][-1], abs=1e-5)
-    assert paths["aligned segment"]["test_loss"][1] != pytest.approx(paths["segment"]["test_loss"][1], abs=1e-4)
+    assert paths[aligned_key]["test_loss"][-1] == pytest.approx(paths[raw]["test_loss"][-1], abs=1e-5)
+    assert paths[aligned_key]["test_loss"][1] != pytest.approx(paths[raw]["test_loss"][1], abs=1e-4)
     # ... and the middle of the aligned segment is the midpoint of A and the file align.py wrote
     (a, _), (aligned, _) = checkpoints.load_endpoint(ends[0], "a"), checkpoints.load_endpoint(out, "b")
-    assert paths["aligned segment"]["length"] == pytest.approx(
+    assert paths[aligned_key]["length"] == pytest.approx(
         sum(((p - q) ** 2).sum() for p, q in zip(a.parameters(), aligned.parameters())).sqrt().item(), rel=1e-5)
-    assert os.path.isfile(result["files"]["aligned_gif"])
+    assert os.path.isfile(result["files"]["aligned_segment_gif"])
 
 
 def test_a_curve_trained_with_align_ends_at_the_aligned_endpoint_and_check_ends_knows(ends, aligned_file, tmp_path):
     out, _ = aligned_file
     train_main(*curve_argv(tmp_path, ends, "--epochs", "1", "--align"))
     ck = checkpoints.load(str(tmp_path / "checkpoint-1.pt"))
-    assert ck["curve_config"]["alignment"]["method"] == "weight"
+    assert ck.curve_config["alignment"]["method"] == "weight"
     curve = checkpoints.build_model(ck)
     aligned, _ = checkpoints.load_endpoint(out, "aligned")
     assert all(torch.equal(curve.bends[2].get_parameter(n), p) for n, p in aligned.named_parameters())
@@ -176,7 +178,7 @@ def test_a_curve_trained_with_align_ends_at_the_aligned_endpoint_and_check_ends_
     walked = eval_curve.main(eval_curve.get_args_parser().parse_args(
         ["--ckpt", str(tmp_path / "checkpoint-1.pt"), "--num_points", "2", "--bn_batches", "2",
          "--device", "cpu", "--dir", str(tmp_path / "eval")]))
-    assert "segment (end aligned by --align)" in walked["paths"]
+    assert set(walked["paths"]) == {PathKey("curve", "Bezier", 3, aligned=True), PathKey("segment", aligned=True)}
 
 
 def test_bad_input_is_one_clear_line(ends, trained_curve, tmp_path):

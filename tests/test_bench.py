@@ -6,7 +6,7 @@ import json
 import pytest
 
 import bench
-from utils import UserError
+from aemc.errors import UserError
 
 
 def test_harness_runs_and_derives_its_ratios_from_its_measurements(tmp_path):

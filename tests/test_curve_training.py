@@ -6,19 +6,20 @@ import torch
 from PIL import Image
 
 import check_ends
-import checkpoints
 import dataset
 import eval_curve
 import extract_point
-import trainer
-from conftest import DATA, TINY, curve_argv, read_log, run_script, train_main as _train
-from loader import TensorLoader, to_float
-from losses import LaplacianPyramidLoss
+from aemc import checkpoints
+from aemc.data.loader import TensorLoader, to_float
+from aemc.data.synthetic import synthetic_faces
+from aemc.errors import UserError
+from aemc.evaluation import evaluate, output_difference, update_bn, weight_distance
+from aemc.files import file_digest
+from aemc.losses import LaplacianPyramidLoss
+from conftest import DATA, TINY, curve_argv, read_log, run_script
+from conftest import train_main as _train
 from models.autoencoder import Autoencoder
 from models.curves import CurveNet
-from paths import output_difference, update_bn, weight_distance
-from synthetic import synthetic_faces
-from utils import UserError, file_digest
 
 
 def initial_midpoint_test_loss(ends):
@@ -31,7 +32,7 @@ def initial_midpoint_test_loss(ends):
     train_images, test_images = dataset.split_images(synthetic_faces(400), 0.2)
     point = net.point_at(0.5)
     update_bn(TensorLoader(train_images, 32), point, num_batches=10)
-    return trainer.evaluate(point, TensorLoader(test_images, 32), {"l1": torch.nn.L1Loss()})["l1"]
+    return evaluate(point, TensorLoader(test_images, 32), {"l1": torch.nn.L1Loss()})["l1"]
 
 
 def test_training_a_bezier_curve_lowers_the_midpoint_loss(ends, trained_curve):
@@ -44,13 +45,13 @@ def test_training_a_bezier_curve_lowers_the_midpoint_loss(ends, trained_curve):
 
 def test_curve_checkpoint_is_self_describing(ends, trained_curve):
     ck = checkpoints.load(os.path.join(trained_curve, "checkpoint-last.pt"), kind="curve")
-    cfg = ck["curve_config"]
+    cfg = ck.curve_config
     assert cfg["curve"] == "Bezier" and cfg["num_bends"] == 3 and cfg["fix_start"] and cfg["fix_end"]
     assert cfg["init_start"] == os.path.abspath(ends[0]) and cfg["init_start_sha256"] == file_digest(ends[0])
     assert cfg["init_end_sha256"] == file_digest(ends[1])
-    assert ck["model_config"]["in_filters"] == 4  # architecture taken from the endpoints
+    assert ck.architecture.kwargs["in_filters"] == 4  # architecture taken from the endpoints
     # the optimizer has no weight decay of its own: the curve's is the explicit term
-    assert all(g["weight_decay"] == 0 for g in ck["optimizer"]["param_groups"])
+    assert all(g["weight_decay"] == 0 for g in ck.optimizer["param_groups"])
     curve = checkpoints.build_model(ck)
     (a, _), (b, _) = [checkpoints.load_endpoint(p, "end") for p in ends]
     for name, p in a.named_parameters():  # fixed ends are exactly the endpoints after training
@@ -70,8 +71,8 @@ def test_logged_regulariser_is_half_wd_times_the_squared_norm(trained_curve):
 def test_curve_resume_equals_the_uninterrupted_run(ends, trained_curve, tmp_path):
     _train(*curve_argv(tmp_path, ends, "--epochs", "4", "--save_freq", "1",
                        "--resume", os.path.join(trained_curve, "checkpoint-2.pt")))
-    a = checkpoints.load(os.path.join(trained_curve, "checkpoint-4.pt"))["state_dict"]
-    b = checkpoints.load(os.path.join(tmp_path, "checkpoint-4.pt"))["state_dict"]
+    a = checkpoints.load(os.path.join(trained_curve, "checkpoint-4.pt")).state_dict
+    b = checkpoints.load(os.path.join(tmp_path, "checkpoint-4.pt")).state_dict
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert read_log(tmp_path)[-1] == {**read_log(trained_curve)[-1], "time": read_log(tmp_path)[-1]["time"]}
 
@@ -97,7 +98,7 @@ def test_without_endpoints_the_curve_starts_from_the_init_with_a_warning(tmp_pat
     _train("--dir", tmp_path, *TINY, "--curve", "PolyChain", "--epochs", "1")
     assert "without --init_start and --init_end" in capsys.readouterr().err
     ck = checkpoints.load(os.path.join(tmp_path, "checkpoint-last.pt"), kind="curve")
-    assert ck["curve_config"]["curve"] == "PolyChain" and ck["curve_config"]["init_start"] is None
+    assert ck.curve_config["curve"] == "PolyChain" and ck.curve_config["init_start"] is None
 
 
 # ----------------------------------------------------------------------------- check_ends.py
@@ -147,7 +148,7 @@ def test_extracted_point_is_an_autoencoder_checkpoint_with_bn_reestimated(ends, 
     extract_point.main(extract_point.get_args_parser().parse_args(
         ["--ckpt", curve_path, "--t", "0.5", "--out", str(out), "--device", "cpu"]))
     model, ck = checkpoints.load_endpoint(str(out), "point")
-    assert ck["source"]["t"] == 0.5 and ck["source"]["curve_sha256"] == file_digest(curve_path)
+    assert ck.source["t"] == 0.5 and ck.source["curve_sha256"] == file_digest(curve_path)
     curve = checkpoints.build_model(checkpoints.load(curve_path))
     expected = curve.point_at(0.5)
     assert all(torch.equal(p, dict(model.named_parameters())[k]) for k, p in expected.named_parameters())
@@ -164,7 +165,7 @@ def test_extracted_point_is_an_autoencoder_checkpoint_with_bn_reestimated(ends, 
 
 def _bend(ck, k):
     """Bend k of a curve checkpoint as a flat parameter vector."""
-    return torch.cat([v.flatten() for n, v in ck["state_dict"].items() if n.startswith(f"bends.{k}.")])
+    return torch.cat([v.flatten() for n, v in ck.state_dict.items() if n.startswith(f"bends.{k}.")])
 
 
 def _params(model):
@@ -175,7 +176,7 @@ def test_free_ends_are_trained_and_check_ends_reports_it_as_expected(ends, tmp_p
     _train("--dir", tmp_path, *DATA, "--lr", "1e-3", "--curve", "Bezier", "--num_bends", "3",
            "--init_start", ends[0], "--init_end", ends[1], "--epochs", "1")
     ck = checkpoints.load(os.path.join(tmp_path, "checkpoint-last.pt"))
-    assert not ck["curve_config"]["fix_start"] and not ck["curve_config"]["fix_end"]
+    assert not ck.curve_config["fix_start"] and not ck.curve_config["fix_end"]
     (a, _), (b, _) = [checkpoints.load_endpoint(p, "end") for p in ends]
     assert (_bend(ck, 0) - _params(a)).abs().max() > 1e-4 and (_bend(ck, 2) - _params(b)).abs().max() > 1e-4
     r = run_script("check_ends.py", "--ckpt", os.path.join(tmp_path, "checkpoint-last.pt"),
@@ -190,7 +191,7 @@ def test_interior_bends_start_on_the_segment_unless_init_linear_off(ends, tmp_pa
     _train(*curve_argv(tmp_path, ends, "--epochs", "1", "--lr", "1e-9", "--seed", "7",
                        *([] if linear else ["--init_linear_off"])))
     ck = checkpoints.load(os.path.join(tmp_path, "checkpoint-last.pt"))
-    assert ck["curve_config"]["init_linear"] is linear
+    assert ck.curve_config["init_linear"] is linear
     (a, _), (b, _) = [checkpoints.load_endpoint(p, "end") for p in ends]
     midpoint = 0.5 * (_params(a) + _params(b))
     torch.manual_seed(7)  # train.py's first draw after seeding is the curve's template initialisation

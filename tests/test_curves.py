@@ -3,9 +3,9 @@ import pytest
 import torch
 from torch import nn
 
+from aemc.evaluation import update_bn
 from models.autoencoder import Autoencoder
 from models.curves import Bezier, CurveNet, PolyChain, connect, curve_class
-from paths import update_bn
 
 
 def tiny(seed, init="normal", f=4):

@@ -7,15 +7,16 @@ import pytest
 import torch
 from PIL import Image
 
-import celeba
-import image_folder
-from celeba import find_celeba
+from aemc.data import celeba
+from aemc.data import folder as image_folder
+from aemc.data.celeba import find_celeba
+from aemc.data.folder import load_folder
+from aemc.data.loader import TensorLoader
+from aemc.data.synthetic import synthetic_faces
+from aemc.errors import UserError
+from aemc.files import file_digest
+from aemc.settings import Data
 from dataset import load_images, split_images
-from image_folder import load_folder
-from loader import TensorLoader
-from synthetic import synthetic_faces
-from utils import UserError, file_digest
-
 
 # ----------------------------------------------------------------------------- synthetic faces
 
@@ -162,7 +163,7 @@ def test_max_images_limits_before_the_split(tmp_path):
     make_folder(tmp_path)
     # the first 4 files in sorted order are alpha.png, broken.jpg, c.webp, grey.png: 3 readable
     assert len(load_folder(str(tmp_path), max_images=4, verbose=False)) == 3
-    assert len(load_images("synthetic", None, max_images=50)) == 50
+    assert len(load_images(Data(dataset="synthetic", max_images=50))) == 50
 
 
 # ----------------------------------------------------------------------------- split and batches
@@ -227,7 +228,7 @@ def test_celeba_found_as_folder_torchvision_layout_or_zip(tmp_path):
     _celeba_zip(tmp_path / "c" / "img_align_celeba.zip")
     found = find_celeba(str(tmp_path / "c"), download=False)
     assert sorted(os.listdir(found)) == ["000001.jpg", "000002.jpg", "000003.jpg"]
-    images = load_images("celeba", str(tmp_path / "c"))
+    images = load_images(Data(dataset="celeba", data_path=str(tmp_path / "c")))
     assert images.shape == (3, 3, 64, 64)
     assert abs(int(images[2, 0, 32, 32]) - 80) <= 3  # JPEG of R=80, resized and cropped
     with pytest.raises(UserError, match="Kaggle"):
@@ -273,7 +274,7 @@ def test_download_failures_give_one_clear_message_and_leave_nothing(tmp_path, mo
     root.mkdir()
     (root / "keep.txt").write_text("user file")
     with pytest.raises(UserError) as err:
-        load_images("celeba", str(root))
+        load_images(Data(dataset="celeba", data_path=str(root)))
     msg = str(err.value)
     assert expected in msg and "\n" not in msg
     assert "--data_path" in msg and "Kaggle" in msg and "torchvision" in msg
@@ -290,6 +291,6 @@ def test_download_success_is_checked_renamed_and_extracted(tmp_path, monkeypatch
             dst.write(src.read())
         return output
     _fake_gdown(monkeypatch, behaviour)
-    images = load_images("celeba", str(tmp_path / "data"))
+    images = load_images(Data(dataset="celeba", data_path=str(tmp_path / "data")))
     assert images.shape == (4, 3, 64, 64)
     assert sorted(os.listdir(tmp_path / "data")) == ["img_align_celeba", "img_align_celeba.zip"]

@@ -1,15 +1,14 @@
 """The device logic of the CUDA paths, checked on any machine: CUDA's answers are mocked where
 needed. (tests/test_gpu.py runs the same paths on a real GPU where one is present.)"""
 import warnings
-from types import SimpleNamespace
 
 import pytest
 import torch
 
-import checkpoints
-import speed
 import trainer
-from utils import UserError
+from aemc import checkpoints, speed
+from aemc.errors import UserError
+from aemc.settings import Optimizer, Speed
 
 
 def test_the_fp16_gradient_scaler_is_built_for_a_cuda_device():
@@ -109,7 +108,7 @@ def test_first_version_checkpoints_with_every_gpus_state_still_resume(monkeypatc
 def test_an_optimizer_state_keeps_this_runs_implementation():
     # a state saved by a GPU run (fused Adam) loads into a CPU run's optimizer, and back
     params = [torch.nn.Parameter(torch.randn(3))]
-    adam = SimpleNamespace(optim_name="Adam", lr=1e-3, beta_1=0.5, beta_2=0.999)
+    adam = Optimizer(optim_name="Adam", lr=1e-3)
     cpu = trainer.make_optimizer(adam, params, 0.0, torch.device("cpu"))
     params[0].grad = torch.ones(3)
     cpu.step()
@@ -127,11 +126,11 @@ def test_tf32_and_cudnn_switches_are_set_for_cuda_runs_only():
     saved = (cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32)
     try:
         cudnn.benchmark, cudnn.allow_tf32 = False, True
-        speed.configure(torch.device("cpu"), SimpleNamespace(no_tf32=True))
+        speed.configure(torch.device("cpu"), Speed(tf32=False))
         assert cudnn.allow_tf32 and not cudnn.benchmark  # a CPU run leaves the CUDA backends alone
-        speed.configure(torch.device("cuda"), SimpleNamespace(no_tf32=False))
+        speed.configure(torch.device("cuda"), Speed())
         assert cudnn.benchmark and cudnn.allow_tf32      # PyTorch's TF32 default kept
-        speed.configure(torch.device("cuda"), SimpleNamespace(no_tf32=True))
+        speed.configure(torch.device("cuda"), Speed(tf32=False))
         assert not cudnn.allow_tf32 and not matmul.allow_tf32
     finally:
         cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32 = saved

@@ -5,16 +5,16 @@ import os
 import subprocess
 import sys
 
+import ddp_worker
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-import checkpoints
-import ddp_worker
+from aemc import checkpoints
+from aemc.data.loader import TensorLoader
+from aemc.data.synthetic import synthetic_faces
 from conftest import ROOT, TINY, read_log, train_main
-from loader import TensorLoader
-from synthetic import synthetic_faces
 
 pytestmark = pytest.mark.slow
 
@@ -80,12 +80,12 @@ def test_train_py_under_torchrun_writes_one_set_of_files_and_resumes(tmp_path):
     assert [rec["epoch"] for rec in read_log(tmp_path / "run")] == [1, 2]  # one writer
     assert r.stdout.count("epoch    2/2") == 1 and "2 processes, batches of 32 shared" in r.stdout
     ck = checkpoints.load(str(tmp_path / "run" / "checkpoint-1.pt"))
-    assert len(ck["rng"]["ranks"]) == 2  # every process's random state
+    assert len(ck.rng["ranks"]) == 2  # every process's random state
     # resumed from epoch 1 by two processes: the same epoch 2 as the uninterrupted run
     r = torchrun(*argv[:2], tmp_path / "again", *argv[3:], "--resume", tmp_path / "run" / "checkpoint-1.pt")
     assert r.returncode == 0, r.stderr[-3000:]
-    a = checkpoints.load(str(tmp_path / "run" / "checkpoint-2.pt"))["state_dict"]
-    b = checkpoints.load(str(tmp_path / "again" / "checkpoint-2.pt"))["state_dict"]
+    a = checkpoints.load(str(tmp_path / "run" / "checkpoint-2.pt")).state_dict
+    b = checkpoints.load(str(tmp_path / "again" / "checkpoint-2.pt")).state_dict
     assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-6) for k in a)
     # ... and by one process, which says that the random streams differ
     train_main("--dir", tmp_path / "single", *TINY, "--epochs", "2", "--resume", tmp_path / "run" / "checkpoint-1.pt")
@@ -114,7 +114,7 @@ def test_distributed_evaluations_equal_single_process_runs(trained_curve, tmp_pa
 
 
 def test_sync_batchnorm_needs_several_cuda_processes(tmp_path):
-    from utils import UserError
+    from aemc.errors import UserError
     with pytest.raises(UserError, match="--sync_bn needs several processes on CUDA"):
         train_main("--dir", tmp_path, *TINY, "--sync_bn")
 

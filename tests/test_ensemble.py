@@ -6,19 +6,20 @@ import pytest
 import torch
 from torch import nn
 
-import checkpoints
 import dataset
 import ensemble
 import eval_curve
 import fge
 import trainer
+from aemc import checkpoints
+from aemc.data.loader import TensorLoader
+from aemc.data.synthetic import synthetic_faces
+from aemc.ensembles import Ensemble, member_state, score_ensembles
+from aemc.errors import Interrupted, UserError
+from aemc.evaluation import PointEvaluator
+from aemc.losses import LaplacianPyramidLoss
+from aemc.paths import PathKey
 from conftest import DATA, HookedLoss, read_log, run_script, train_main
-from ensembles import member_state, score_ensembles
-from loader import TensorLoader
-from losses import LaplacianPyramidLoss
-from paths import PointEvaluator
-from synthetic import synthetic_faces
-from utils import Interrupted, UserError
 
 
 class Shift(nn.Module):
@@ -46,14 +47,14 @@ def shifts(*ds):
 
 def test_identical_members_gain_exactly_nothing(images):
     d = 0.3 * torch.randn(3, 64, 64, generator=torch.Generator().manual_seed(0))
-    table = score_ensembles(Shift(), shifts(d, d.clone()), {"pair": ["m0", "m1"]}, images, LOSSES)
-    assert table["pair"]["gain"] == {"loss": 0.0, "pyramid": 0.0}
-    assert table["pair"]["ensemble"] == table["pair"]["members"][0]
+    (row,) = score_ensembles(Shift(), shifts(d, d.clone()), [Ensemble("pair", ["m0", "m1"])], images, LOSSES).values()
+    assert row["gain"] == {"loss": 0.0, "pyramid": 0.0}
+    assert row["ensemble"] == row["members"][0]
 
 
 def test_members_on_either_side_of_the_target_average_to_it(images):
     d = 0.2 * torch.randn(3, 64, 64, generator=torch.Generator().manual_seed(1))
-    row = score_ensembles(Shift(), shifts(d, -d), {"pair": ["m0", "m1"]}, images, LOSSES)["pair"]
+    (row,) = score_ensembles(Shift(), shifts(d, -d), [Ensemble("pair", ["m0", "m1"])], images, LOSSES).values()
     assert row["ensemble"]["loss"] < 1e-7 and row["ensemble"]["pyramid"] < 1e-7
     assert row["member_mean"]["loss"] == pytest.approx(d.abs().mean().item(), rel=1e-5)
     assert row["gain"]["loss"] == pytest.approx(row["member_mean"]["loss"], rel=1e-5)
@@ -63,7 +64,9 @@ def test_members_on_either_side_of_the_target_average_to_it(images):
 def test_the_gain_is_never_negative_for_l1_and_the_pyramid_loss(images, seed):
     g = torch.Generator().manual_seed(seed)
     ds = [torch.randn(3, 64, 64, generator=g) * s for s in (0.1, 0.5, 1.0)]
-    table = score_ensembles(Shift(), shifts(*ds), {"all": ["m0", "m1", "m2"], "two": ["m0", "m2"]}, images, LOSSES)
+    table = score_ensembles(Shift(), shifts(*ds), [Ensemble("all", ["m0", "m1", "m2"]), Ensemble("two", ["m0", "m2"])],
+                            images, LOSSES)
+    assert len(table) == 2
     for row in table.values():
         assert all(gain > -1e-7 for gain in row["gain"].values())
         assert all(gain > 1e-3 for gain in row["gain"].values())  # different members: a real gain
@@ -84,8 +87,8 @@ def test_a_one_member_ensemble_is_eval_curves_point(trained_curve, tmp_path):
     curve = checkpoints.build_model(checkpoints.load(ckpt))
     evaluator = evaluator_for(curve.point_at(0))
     state = member_state(evaluator, curve.weights(0.5))
-    row = score_ensembles(evaluator.module, {"mid": state}, {"one": ["mid"]}, evaluator.test_batches,
-                          {"loss": nn.L1Loss()})["one"]
+    (row,) = score_ensembles(evaluator.module, {"mid": state}, [Ensemble("one", ["mid"])], evaluator.test_batches,
+                             {"loss": nn.L1Loss()}).values()
     assert row["ensemble"]["loss"] == pytest.approx(path["test_loss"][1], abs=1e-6) and row["gain"]["loss"] == 0
 
 
@@ -94,7 +97,7 @@ def test_eval_curve_ensemble_metrics_agree_with_scoring_the_members(trained_curv
     walked = eval_curve.main(eval_curve.get_args_parser().parse_args(
         ["--ckpt", ckpt, "--num_points", "3", "--ensemble", "--bn_batches", "3", "--device", "cpu",
          "--dir", str(tmp_path)]))
-    curve = walked["paths"]["curve (Bezier, 3 bends)"]
+    curve = walked["paths"][PathKey("curve", "Bezier", 3)]
     assert curve["diversity_start"][0] == 0 and curve["ensemble_start_loss_gain"][0] == 0
     assert curve["diversity_end"][-1] == 0 and curve["ensemble_end_loss_gain"][-1] == 0
     assert curve["diversity_end"][0] == pytest.approx(curve["diversity_start"][-1], rel=1e-6)  # symmetric
@@ -102,10 +105,11 @@ def test_eval_curve_ensemble_metrics_agree_with_scoring_the_members(trained_curv
     net = checkpoints.build_model(checkpoints.load(ckpt))
     evaluator = evaluator_for(net.point_at(0))
     states = {t: member_state(evaluator, net.weights(t)) for t in (0.0, 0.5, 1.0)}
-    table = score_ensembles(evaluator.module, states, {"with start": [0.0, 0.5], "with end": [1.0, 0.5]},
-                            evaluator.test_batches, {"loss": nn.L1Loss()})
-    assert curve["ensemble_start_loss"][1] == pytest.approx(table["with start"]["ensemble"]["loss"], abs=1e-6)
-    assert curve["ensemble_end_loss_gain"][1] == pytest.approx(table["with end"]["gain"]["loss"], abs=1e-6)
+    with_start, with_end = score_ensembles(evaluator.module, states, [Ensemble("start", [0.0, 0.5]),
+                                                                      Ensemble("end", [1.0, 0.5])],
+                                           evaluator.test_batches, {"loss": nn.L1Loss()}).values()
+    assert curve["ensemble_start_loss"][1] == pytest.approx(with_start["ensemble"]["loss"], abs=1e-6)
+    assert curve["ensemble_end_loss_gain"][1] == pytest.approx(with_end["gain"]["loss"], abs=1e-6)
     assert all(g >= -1e-7 for key in ("ensemble_start_loss_gain", "ensemble_end_loss_gain") for g in curve[key])
     assert os.path.isfile(walked["files"]["ensemble_plot"])
     arrays = np.load(walked["files"]["npz"])
@@ -119,6 +123,7 @@ def test_ensemble_py_scores_curve_segment_and_endpoints(trained_curve, ends, tmp
          "--dir", str(tmp_path)]))
     table = result["table"]
     assert list(table) == ["endpoints", "curve, 2", "curve, 3", "segment, 2", "segment, 3"]
+    assert [row["family"] for row in table.values()] == ["endpoints", "curve", "curve", "segment", "segment"]
     assert table["curve, 3"]["keys"] == ["start", "curve t=0.5", "end"]
     # the ensembles of the two ends are one ensemble, whatever path they are named after
     assert table["endpoints"]["ensemble"] == table["curve, 2"]["ensemble"] == table["segment, 2"]["ensemble"]
@@ -155,7 +160,7 @@ def test_fge_trains_snapshots_and_scores_the_growing_ensemble(ends, tmp_path, mo
     assert [os.path.basename(p) for p in whole["snapshots"]] == ["snapshot-1.pt", "snapshot-3.pt"]
     assert [r["lr"] for r in read_log(tmp_path / "whole")] == pytest.approx([1e-3, 1e-5, 1e-3, 1e-5])
     snapshot, ck = checkpoints.load_endpoint(whole["snapshots"][0], "snapshot")
-    assert ck["optimizer"] is None and ck["epoch"] == 1  # an ordinary autoencoder checkpoint
+    assert ck.optimizer is None and ck.epoch == 1  # an ordinary autoencoder checkpoint
     table = whole["table"]
     assert list(table) == ["snapshots, 1", "snapshots, 2"] and table["snapshots, 1"]["gain"]["loss"] == 0
     assert table["snapshots, 2"]["gain"]["loss"] > 0
@@ -172,7 +177,7 @@ def test_fge_trains_snapshots_and_scores_the_growing_ensemble(ends, tmp_path, mo
     resumed = fge.main(fge.get_args_parser().parse_args(
         [*common, "--dir", str(tmp_path / "split"), "--resume", str(tmp_path / "split" / "checkpoint-last.pt")]))
     for a, b in zip(whole["snapshots"], resumed["snapshots"]):
-        sa, sb = checkpoints.load(a)["state_dict"], checkpoints.load(b)["state_dict"]
+        sa, sb = checkpoints.load(a).state_dict, checkpoints.load(b).state_dict
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
     with pytest.raises(UserError, match="cycle: 4 given, 2 in the checkpoint"):
         fge.main(fge.get_args_parser().parse_args(

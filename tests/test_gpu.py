@@ -3,23 +3,23 @@ present and are skipped cleanly without it (tests needing two GPUs are skipped w
 device logic behind them is also checked with mocks on every machine (tests/test_devices.py)."""
 import os
 import signal
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
-import checkpoints
-import speed
 import trainer
+from aemc import checkpoints, speed
+from aemc.data.loader import TensorLoader, fits_on_device
+from aemc.data.synthetic import synthetic_faces
+from aemc.errors import Interrupted
+from aemc.evaluation import PointEvaluator, update_bn
+from aemc.losses import LPIPS
+from aemc.paths import walk
+from aemc.settings import Optimizer, Speed
 from conftest import DATA, hook_loss, read_log, run_script, train_main
-from loader import TensorLoader, fits_on_device
-from losses import LPIPS
 from models.autoencoder import Autoencoder
 from models.curves import Bezier, connect
-from paths import PointEvaluator, update_bn, walk
-from synthetic import synthetic_faces
-from utils import Interrupted
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -27,7 +27,7 @@ two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two C
 
 GPU = [a if a != "cpu" else "cuda" for a in DATA]  # the curve tests' data, on the GPU
 TINY_GPU = [*GPU, "--in_filters", "8", "--latent_dim", "16", "--lr", "1e-3"]
-ADAM = SimpleNamespace(optim_name="Adam", lr=1e-3, beta_1=0.5, beta_2=0.999)
+ADAM = Optimizer(optim_name="Adam", lr=1e-3)
 FP_RTOL = 5e-2  # fp16 / bf16 / TF32 training runs against fp32: epoch losses within 5%
 
 
@@ -146,13 +146,13 @@ def test_fp16_training_interrupted_and_resumed_restores_its_scaler_and_stays_nea
     monkeypatch.undo()
     last = tmp_path / "fp16" / "checkpoint-last.pt"
     saved = checkpoints.load(str(last))
-    assert saved["batch"] == 3 and saved["scaler"]["scale"] > 0
+    assert saved.batch == 3 and saved.scaler["scale"] > 0
     loaded = []
     real_load = torch.amp.GradScaler.load_state_dict
     monkeypatch.setattr(torch.amp.GradScaler, "load_state_dict",
                         lambda self, state: (loaded.append(dict(state)), real_load(self, state))[1])
     train_main("--dir", tmp_path / "fp16", *common, "--amp", "fp16", "--resume", last)
-    assert loaded == [saved["scaler"]]
+    assert loaded == [saved.scaler]
     for fp16, fp32 in zip(read_log(tmp_path / "fp16"), read_log(tmp_path / "fp32")):
         assert fp16["train_loss"] == pytest.approx(fp32["train_loss"], rel=FP_RTOL)
         assert fp16["test_loss"] == pytest.approx(fp32["test_loss"], rel=FP_RTOL)
@@ -184,8 +184,8 @@ def test_a_checkpoint_from_a_gpu_that_is_not_visible_resumes(tmp_path):
     train_main("--dir", tmp_path, *TINY_GPU, "--epochs", "1")
     last = str(tmp_path / "checkpoint-last.pt")
     ck = checkpoints.load(last)
-    ck["rng"]["device"] = f"cuda:{torch.cuda.device_count() + 3}"  # saved on a bigger machine
-    checkpoints.save(last, {k: v for k, v in ck.items() if k != "format"})
+    ck.rng["device"] = f"cuda:{torch.cuda.device_count() + 3}"  # saved on a bigger machine
+    checkpoints.save(last, ck)
     train_main("--dir", tmp_path, *TINY_GPU, "--epochs", "2", "--resume", last)
     assert [r["epoch"] for r in read_log(tmp_path)] == [1, 2]
 
@@ -198,7 +198,7 @@ def test_a_compiled_evaluator_walks_a_curve_without_recompiling_per_point():
     curve = connect(a, b, Bezier, 3).cuda()
     train, test = (TensorLoader(x, 32, "cuda") for x in (synthetic_faces(128), synthetic_faces(64, seed=1)))
     evaluator = PointEvaluator(curve.point_at(0), train, test, {"loss": torch.nn.L1Loss()},
-                               speed=SimpleNamespace(amp="none", channels_last=False, compile=True))
+                               speed=Speed(compile=True))
     first = walk(curve, [0.0, 0.5], evaluator, verbose=False)
     compiled = dict(torch._dynamo.utils.counters["stats"])
     later = walk(curve, [0.1, 0.3, 0.7, 1.0], evaluator, verbose=False)
@@ -237,6 +237,7 @@ def test_the_scripts_run_on_the_gpu(tmp_path):
 def test_nccl_training_with_sync_batchnorm_and_distributed_evaluation(tmp_path):
     import subprocess
     import sys
+
     from conftest import ROOT
 
     def torchrun(*argv):

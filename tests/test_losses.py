@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from losses import LaplacianPyramidLoss, build_loss, laplacian_pyramid, reconstruct
+from aemc.losses import LaplacianPyramidLoss, build_loss, laplacian_pyramid, reconstruct
 
 K1 = np.array([1, 4, 6, 4, 1], dtype=np.float64)
 KERNEL = np.outer(K1, K1) / 256.0

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torchvision
 
-import losses
-from losses import LPIPS, LPIPSUnavailable, alexnet_features
+from aemc import losses
+from aemc.losses import LPIPS, LPIPSUnavailable, alexnet_features
 
 
 @pytest.fixture(scope="module")

@@ -6,15 +6,15 @@ import pytest
 import torch
 from PIL import Image
 
-import checkpoints
 import eval_curve
 import plane
-import sweep
+from aemc import checkpoints, resumable
+from aemc.errors import Interrupted, UserError
+from aemc.evaluation import PointEvaluator
+from aemc.geometry import DegeneratePlane, Plane, names_and_shapes, vector
 from conftest import DATA, run_script, train_main
 from models.autoencoder import Autoencoder
 from models.curves import Bezier, connect
-from plane_geometry import DegeneratePlane, Plane, names_and_shapes, vector
-from utils import Interrupted, UserError
 
 
 def plane_cli(*argv):
@@ -94,7 +94,7 @@ def test_the_grid_machinery_reproduces_an_analytic_metric_on_the_whole_grid(tmp_
     def squared_distance(xy):  # ||theta(x, y) - c||^2, through the float32 weights the evaluator gets
         theta = p.weights(*xy, layout)
         return {"sq": float(((torch.cat([t.flatten() for t in theta.values()]).double() - c_theta) ** 2).sum())}
-    metrics, done = sweep.run(str(tmp_path / "s.npz"), {"what": "analytic"}, [(x, y) for x in xs for y in ys],
+    metrics, done = resumable.run(str(tmp_path / "s.npz"), {"what": "analytic"}, [(x, y) for x in xs for y in ys],
                               squared_distance, shape=(7, 7), verbose=False)
     d = w0 - c  # closed form: u, v orthonormal
     X, Y = np.meshgrid(xs, ys, indexing="ij")
@@ -140,7 +140,7 @@ def test_outputs_hold_the_grid_the_geometry_and_figures(small_plane, trained_cur
     assert report["checkpoints"]["ckpt"]["sha256"] and report["dx"] == pytest.approx(g["dx"])
     # the middle of the bottom row is the segment's midpoint: above the curve's middle (the barrier)
     assert result["metrics"]["test_loss"][1, 0] > result["metrics"]["test_loss"][0, 0]
-    assert ck["curve_config"]["num_bends"] == 3
+    assert ck.curve_config["num_bends"] == 3
     for key in ("test_loss_plane", "train_loss_plane", "test_lpips_plane"):
         with Image.open(files[key]) as im:
             assert im.width > 500
@@ -150,7 +150,7 @@ def test_an_interrupted_plane_continues_to_the_same_arrays(trained_curve, tmp_pa
     common = ["--ckpt", os.path.join(trained_curve, "checkpoint-last.pt"), "--grid_points", 3,
               "--bn_batches", 2, "--device", "cpu"]
     whole = plane_cli(*common, "--dir", tmp_path / "whole")["metrics"]
-    real = plane.PointEvaluator.__call__
+    real = PointEvaluator.__call__
     calls = {"n": 0}
 
     def interrupt_at_the_fifth(self, theta):
@@ -158,7 +158,7 @@ def test_an_interrupted_plane_continues_to_the_same_arrays(trained_curve, tmp_pa
         if calls["n"] == 5:
             raise KeyboardInterrupt
         return real(self, theta)
-    monkeypatch.setattr(plane.PointEvaluator, "__call__", interrupt_at_the_fifth)
+    monkeypatch.setattr(PointEvaluator, "__call__", interrupt_at_the_fifth)
     with pytest.raises(Interrupted, match="after 4 of 9 points"):
         plane_cli(*common, "--dir", tmp_path / "split")
     (partial,) = [f for f in os.listdir(tmp_path / "split") if f.endswith(".npz")]
@@ -166,7 +166,7 @@ def test_an_interrupted_plane_continues_to_the_same_arrays(trained_curve, tmp_pa
     assert saved["done"].sum() == 4 and np.isnan(saved["test_loss"]).sum() == 5  # a valid partial file
     monkeypatch.undo()
     evaluated = []
-    monkeypatch.setattr(plane.PointEvaluator, "__call__",
+    monkeypatch.setattr(PointEvaluator, "__call__",
                         lambda self, theta: (evaluated.append(1), real(self, theta))[1])
     resumed = plane_cli(*common, "--dir", tmp_path / "split")["metrics"]
     assert len(evaluated) == 5  # only the points not done
@@ -179,7 +179,7 @@ def test_three_endpoints_span_a_plane_and_nan_points_are_kept(ends, tmp_path, mo
     train_main("--dir", tmp_path / "c", *DATA, "--in_filters", "4", "--latent_dim", "8", "--epochs", "1",
                "--seed", "3", "--lr", "1e-3")
     third = str(tmp_path / "c" / "checkpoint-1.pt")
-    real = plane.PointEvaluator.__call__
+    real = PointEvaluator.__call__
     calls = {"n": 0}
 
     def diverge_once(self, theta):  # the second point's weights blow up
@@ -187,7 +187,7 @@ def test_three_endpoints_span_a_plane_and_nan_points_are_kept(ends, tmp_path, mo
         if calls["n"] == 2:
             theta = {k: v * float("inf") for k, v in theta.items()}
         return real(self, theta)
-    monkeypatch.setattr(plane.PointEvaluator, "__call__", diverge_once)
+    monkeypatch.setattr(PointEvaluator, "__call__", diverge_once)
     result = plane_cli("--init_start", ends[0], "--init_middle", third, "--init_end", ends[1],
                        "--grid_points", 2, "--bn_batches", 2, "--device", "cpu", "--dir", tmp_path / "p")
     loss = result["metrics"]["test_loss"]

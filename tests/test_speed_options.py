@@ -5,16 +5,16 @@ import sys
 import pytest
 import torch
 
-import checkpoints
 import eval_curve
 import trainer
+from aemc import checkpoints
+from aemc.data.loader import TensorLoader, to_float
+from aemc.data.synthetic import synthetic_faces
+from aemc.errors import UserError
+from aemc.speed import autocast
 from conftest import TINY, read_log, train_main
-from loader import TensorLoader, to_float
 from models.autoencoder import Autoencoder
 from models.curves import Bezier, CurveNet
-from speed import autocast
-from synthetic import synthetic_faces
-from utils import UserError
 
 # bf16 keeps 8 bits of mantissa: a loss computed from bf16 activations agrees with float32 to
 # about 1% (measured: under 0.5% on these batches); channels_last only reorders memory, so one
@@ -133,4 +133,4 @@ def test_compiled_training_matches_eager(tmp_path):
     assert compiled["train_loss"] == pytest.approx(eager["train_loss"], rel=DROPOUT_RTOL)
     assert compiled["test_loss"] == pytest.approx(eager["test_loss"], rel=DROPOUT_RTOL)
     ck = checkpoints.load(str(tmp_path / "compiled" / "checkpoint-last.pt"))
-    assert not any(k.startswith("_orig_mod") for k in ck["state_dict"])  # the plain model is saved
+    assert not any(k.startswith("_orig_mod") for k in ck.state_dict)  # the plain model is saved

@@ -9,9 +9,9 @@ import time
 import pytest
 
 import study
-import studies
+from aemc import studies
+from aemc.files import file_digest
 from conftest import ROOT, run_script
-from utils import file_digest
 
 TINY = ["--preset", "tiny", "--losses", "mae", "--inits", "normal,kaiming_normal", "--align"]
 
@@ -51,8 +51,8 @@ def test_a_killed_study_finishes_without_redoing_stages_and_its_table_is_its_sta
     assert file_digest(os.path.join(first, "checkpoint-2.pt")) == digest
     (row,) = result["rows"]
     report = json.load(open(row["report"]))
-    curve = report["paths"]["curve (Bezier, 3 bends)"]
-    segment, aligned = report["paths"]["segment"], report["paths"]["aligned segment"]
+    curve = report["paths"]["curve"]
+    segment, aligned = report["paths"]["segment"], report["paths"]["aligned_segment"]
     with open(result["files"]["csv"]) as f:
         (table,) = list(csv.DictReader(f))
     expected = {"start_test_loss": curve["test_loss"][0], "end_test_loss": curve["test_loss"][-1],

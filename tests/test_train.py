@@ -9,16 +9,17 @@ import pytest
 import torch
 from PIL import Image
 
-import checkpoints
 import dataset
 import train
 import trainer
+from aemc import checkpoints
+from aemc.data.loader import TensorLoader, to_float
+from aemc.data.synthetic import synthetic_faces
+from aemc.errors import Interrupted, UserError
+from aemc.losses import LaplacianPyramidLoss
+from aemc.settings import FORMAT
 from conftest import ROOT, TINY, hook_loss, read_log, run_script
-from loader import TensorLoader, to_float
-from losses import LaplacianPyramidLoss
 from models.autoencoder import Autoencoder
-from synthetic import synthetic_faces
-from utils import Interrupted, UserError
 
 
 def _states_equal(a, b):
@@ -59,10 +60,10 @@ def test_learning_rate_factors_are_garipovs_counted_from_one():
 
 def test_checkpoint_rebuilds_the_model_and_reproduces_the_logged_test_loss(straight_run):
     ck = checkpoints.load(os.path.join(straight_run, "checkpoint-2.pt"))
-    assert ck["kind"] == "autoencoder" and ck["epoch"] == 2
-    assert ck["model_config"] == dict(in_channels=3, in_filters=4, latent_dim=8, conv_init="normal")
-    model = Autoencoder(**ck["model_config"])
-    model.load_state_dict(ck["state_dict"])
+    assert ck.kind == "autoencoder" and ck.epoch == 2
+    assert ck.architecture.kwargs == dict(in_channels=3, in_filters=4, latent_dim=8, conv_init="normal")
+    model = Autoencoder(**ck.architecture.kwargs)
+    model.load_state_dict(ck.state_dict)
     model.eval()
     _, test = dataset.split_images(synthetic_faces(160), 0.2)
     x = to_float(test)
@@ -88,7 +89,7 @@ def test_resume_from_an_epoch_checkpoint_equals_the_straight_run(straight_run, t
                          "--resume", os.path.join(straight_run, "checkpoint-1.pt")))
     a = checkpoints.load(os.path.join(straight_run, "checkpoint-2.pt"))
     b = checkpoints.load(os.path.join(tmp_path, "checkpoint-2.pt"))
-    assert _states_equal(a["state_dict"], b["state_dict"])
+    assert _states_equal(a.state_dict, b.state_dict)
     resumed, straight = read_log(tmp_path)[-1], read_log(straight_run)[-1]
     assert resumed["train_loss"] == straight["train_loss"] and resumed["test_loss"] == straight["test_loss"]
     assert resumed["lr"] == pytest.approx(1e-6, rel=1e-12)  # the schedule continues where it was
@@ -106,12 +107,12 @@ def test_ctrl_c_mid_epoch_saves_a_checkpoint_that_resumes_exactly(straight_run, 
     monkeypatch.undo()
     last = os.path.join(tmp_path, "checkpoint-last.pt")
     ck = checkpoints.load(last)
-    assert (ck["epoch"], ck["batch"]) == (1, 2)
+    assert (ck.epoch, ck.batch) == (1, 2)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
     train.main(tiny_args(tmp_path, "--epochs", "2", "--save_freq", "1", "--resume", last))
     a = checkpoints.load(os.path.join(straight_run, "checkpoint-2.pt"))
     b = checkpoints.load(os.path.join(tmp_path, "checkpoint-2.pt"))
-    assert _states_equal(a["state_dict"], b["state_dict"])
+    assert _states_equal(a.state_dict, b.state_dict)
     assert read_log(tmp_path)[-1]["train_loss"] == pytest.approx(read_log(straight_run)[-1]["train_loss"], rel=1e-12)
 
 
@@ -122,9 +123,9 @@ def test_sgd_trains_and_keeps_its_momentum_in_the_checkpoint(tmp_path, tiny_args
     assert log[0]["train_loss"] > log[1]["train_loss"] > log[2]["train_loss"]
     assert log[2]["test_loss"] < 0.9 * log[0]["test_loss"]
     ck = checkpoints.load(os.path.join(tmp_path, "checkpoint-last.pt"))
-    assert ck["optimizer"]["param_groups"][0]["momentum"] == 0.9
+    assert ck.optimizer["param_groups"][0]["momentum"] == 0.9
     model = checkpoints.build_model(ck)
-    buffers = [st["momentum_buffer"] for st in ck["optimizer"]["state"].values()]
+    buffers = [st["momentum_buffer"] for st in ck.optimizer["state"].values()]
     assert len(buffers) == len(list(model.parameters())) and all(b.abs().sum() > 0 for b in buffers)
 
 
@@ -161,7 +162,7 @@ def test_denoising_noises_the_input_only_and_scores_against_the_clean_image(nois
 def test_an_endpoint_trained_with_the_laplacian_loss_reports_that_loss(tmp_path, tiny_args):
     train.main(tiny_args(tmp_path, "--epochs", "1", "--loss_function", "laplacian", "--num_filters", "3"))
     ck = checkpoints.load(os.path.join(tmp_path, "checkpoint-last.pt"))
-    assert (ck["args"]["loss_function"], ck["args"]["num_filters"]) == ("laplacian", 3)
+    assert (ck.settings.loss.loss_function, ck.settings.loss.num_filters) == ("laplacian", 3)
     model = checkpoints.build_model(ck).eval()
     _, test = dataset.split_images(synthetic_faces(160), 0.2)
     x = to_float(test)
@@ -178,8 +179,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny
     with pytest.raises(UserError, match="non-finite in epoch 2"):
         train.main(tiny_args(tmp_path, "--epochs", "3"))
     ck = checkpoints.load(os.path.join(tmp_path, "checkpoint-last.pt"))
-    assert ck["epoch"] == 1
-    assert all(torch.isfinite(v).all() for v in ck["state_dict"].values() if v.is_floating_point())
+    assert ck.epoch == 1
+    assert all(torch.isfinite(v).all() for v in ck.state_dict.values() if v.is_floating_point())
 
 
 def test_refuses_to_overwrite_a_run_and_checks_architecture_on_resume(straight_run, tmp_path, tiny_args):
@@ -203,7 +204,7 @@ def test_a_checkpoint_crafted_to_run_code_is_refused(tmp_path):
     exploit = _Exploit()
     exploit.marker = marker
     bad = tmp_path / "evil.pt"
-    torch.save({"format": checkpoints.FORMAT, "kind": "autoencoder", "x": exploit}, bad)
+    torch.save({"format": FORMAT, "kind": "autoencoder", "x": exploit}, bad)
     with pytest.raises(UserError, match="refused"):
         checkpoints.load(str(bad))
     assert not marker.exists()
@@ -212,11 +213,14 @@ def test_a_checkpoint_crafted_to_run_code_is_refused(tmp_path):
     assert not marker.exists()
 
 
-def _bad_input_cases(tmp):
+def _write_bad_inputs(tmp):
     os.makedirs(os.path.join(tmp, "empty"), exist_ok=True)
     with open(os.path.join(tmp, "corrupt.pt"), "wb") as f:
         f.write(b"PK\x03\x04 this is not really a zip")
     torch.save({"weights": torch.zeros(3)}, os.path.join(tmp, "foreign.pt"))
+
+
+def _bad_input_cases(tmp):
     base = ["--dir", os.path.join(tmp, "run"), "--device", "cpu", "--num_workers", "0"]
     syn = base + ["--dataset", "synthetic", "--max_images", "40", "--in_filters", "4", "--latent_dim", "8"]
     return {
@@ -237,6 +241,7 @@ def _bad_input_cases(tmp):
 
 @pytest.mark.parametrize("case", list(_bad_input_cases("root").keys()))
 def test_bad_input_gives_one_line_and_nonzero_exit(tmp_path, case, monkeypatch):
+    _write_bad_inputs(str(tmp_path))
     argv, expected = _bad_input_cases(str(tmp_path))[case]
     monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")  # no network, whatever the machine has
     monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
@@ -269,7 +274,7 @@ def test_kill_9_at_any_moment_leaves_loadable_checkpoints(tmp_path):
         for f in os.listdir(run_dir):
             if f.endswith(".pt") and not f.startswith("."):
                 checkpoints.load(str(run_dir / f))  # raises if half-written
-    assert checkpoints.load(str(last))["epoch"] >= 2
+    assert checkpoints.load(str(last)).epoch >= 2
 
 
 def test_tensorboard_logs_when_installed_and_says_so_when_not(tmp_path, tiny_args, capsys):

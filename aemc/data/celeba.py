@@ -7,8 +7,9 @@ import zipfile
 
 from tqdm import tqdm
 
-from image_folder import has_images
-from utils import UserError, file_digest, warn
+from aemc.data.folder import has_images
+from aemc.errors import UserError, warn
+from aemc.files import file_digest
 
 # Aligned CelebA as torchvision downloads it (Google Drive file of img_align_celeba.zip).
 CELEBA_DRIVE_ID = "0B7EVK8r0v71pZjFTYXZWM3FlRnM"

@@ -13,7 +13,8 @@ import torchvision.transforms.functional as TF
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from tqdm import tqdm
 
-from utils import UserError, atomic_write, remove_stale_temporaries, warn
+from aemc.errors import UserError, warn
+from aemc.files import atomic_write, remove_stale_temporaries
 
 IMAGE_SIZE = 64
 CACHE_VERSION = 2

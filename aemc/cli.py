@@ -1,0 +1,45 @@
+"""Command-line plumbing every script shares: flags reported in one line, expected failures
+without a traceback, positive numbers."""
+import argparse
+import sys
+
+from aemc.errors import Interrupted, UserError, warn
+
+
+class ArgParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag in one line (plus a hint) and exits with status 2."""
+
+    def error(self, message):
+        print(f"{self.prog}: error: {message} (see {self.prog} -h)", file=sys.stderr)
+        sys.exit(2)
+
+
+def run_cli(main, parser, argv=None):
+    """Parse the command line (or `argv`) and run `main(args)`; expected failures exit without a
+    traceback."""
+    args = parser.parse_args(argv)
+    try:
+        main(args)
+    except Interrupted as e:
+        warn(f"{parser.prog}: {e}")
+        sys.exit(e.exit_code)
+    except UserError as e:  # under torchrun every process meets the same error: rank 0 says it
+        warn(f"{parser.prog}: error: {e}")
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        warn(f"{parser.prog}: interrupted")
+        sys.exit(130)
+
+
+def positive(kind):
+    """argparse type: a strictly positive int or float."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}")
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return value
+    parse.__name__ = f"positive {kind.__name__}"
+    return parse

@@ -1,0 +1,174 @@
+"""Typed settings: the library's parameters, and what a checkpoint records of the run that made it.
+
+Each script builds these from its flags in one place; library functions take them (or plain
+keyword arguments) and never an argparse namespace. A checkpoint stores them as plain dicts under
+`settings` (format 2); `Run.from_dict` reads them back, taking the defaults for fields a file does
+not have (it was written before they existed) and refusing fields it does not know (it was written
+by a newer version). Format 1 checkpoints stored the run's flags instead: `Run.from_flags` reads
+those, so every checkpoint ever written still loads.
+
+Example::
+    >>> run = Run(data=Data(dataset="synthetic", max_images=4000), optim=Optimizer(lr=1e-3))
+    >>> Run.from_dict(run.to_dict()) == run
+    True
+"""
+import dataclasses
+from dataclasses import dataclass, field, fields
+from typing import Optional
+
+from aemc.errors import UserError
+
+FORMAT = "ae-mode-connectivity/2"
+FORMATS = ("ae-mode-connectivity/1", FORMAT)  # every format this version reads
+
+
+@dataclass(frozen=True)
+class Data:
+    """Where the images come from and how they are split and batched."""
+    dataset: str = "celeba"          # celeba | folder | synthetic
+    data_path: str = "data"          # CelebA root or image folder
+    max_images: Optional[int] = None  # the first N images only
+    test_fraction: float = 0.2       # test share of the fixed split
+    batch_size: int = 64
+    num_workers: int = 4             # processes decoding images for the cache
+
+
+@dataclass(frozen=True)
+class Loss:
+    """The reconstruction loss a run optimises (on images in [-1, 1])."""
+    loss_function: str = "mae"       # mae | laplacian
+    num_filters: int = 5             # Laplacian pyramid levels
+
+
+@dataclass(frozen=True)
+class Optimizer:
+    optim_name: str = "Adam"         # Adam | SGD
+    lr: float = 1e-4
+    beta_1: float = 0.5
+    beta_2: float = 0.999
+    momentum: float = 0.9            # SGD
+    wd: float = 1e-6                 # weight decay; for a curve 0.5 * wd * ||theta(t)||^2 of the sampled point
+
+
+@dataclass(frozen=True)
+class Speed:
+    """How fast results come, not which (beyond round-off)."""
+    amp: str = "none"                # none | bf16 | fp16
+    channels_last: bool = False
+    compile: bool = False
+    gpu_data: bool = True            # on CUDA, the dataset in GPU memory when it fits
+    tf32: bool = True                # on Ampere and later, PyTorch's default TF32 convolutions
+
+
+@dataclass(frozen=True)
+class Training:
+    epochs: int = 100
+    seed: int = 1                    # init, shuffling, noise, dropout, t
+    noise_std: float = 0.05          # denoising objective
+    save_freq: int = 5
+    save_final: bool = True
+    t_sampling: str = "stratified"   # curves under torchrun: shared | per_rank | stratified
+    midpoint_bn_batches: int = 10    # curves: BatchNorm batches of the per-epoch t = 0.5 report
+    sync_bn: bool = False
+
+
+@dataclass(frozen=True)
+class Cycle:
+    """Fast Geometric Ensembling's cyclic schedule, and the endpoint it starts from."""
+    cycle: int = 4
+    lr_1: float = 1e-4
+    lr_2: float = 1e-6
+    source_sha256: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """How a set of weights is evaluated."""
+    bn_batches: Optional[int] = None  # BatchNorm re-estimated on the first N training batches (None: all)
+    lpips: bool = False
+    lpips_weights: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class Alignment:
+    method: str = "weight"           # weight | activation
+    restarts: int = 1
+    seed: int = 0
+    latent_signs: bool = True        # also negate latent units (Tanh is odd)
+    batches: int = 20                # activation matching: training batches correlated
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """A model factory's name and its keyword arguments (see models.build)."""
+    name: str = "conv"
+    kwargs: dict = field(default_factory=dict)
+
+    def to_dict(self):
+        return {"name": self.name, "kwargs": dict(self.kwargs)}
+
+
+@dataclass(frozen=True)
+class Run:
+    """Everything a training run was told, as a checkpoint records it."""
+    data: Data = Data()
+    loss: Loss = Loss()
+    optim: Optimizer = Optimizer()
+    training: Training = Training()
+    speed: Speed = Speed()
+    fge: Optional[Cycle] = None
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d, what="the checkpoint"):
+        """The settings a checkpoint of format 2 recorded."""
+        _check_known(cls, d, what)
+        parts = {}
+        for f in fields(cls):
+            part = _part_type(f)
+            value = d.get(f.name)
+            if value is None:
+                parts[f.name] = None if f.name == "fge" else part()
+            else:
+                _check_known(part, value, f"{what}'s {f.name} settings")
+                parts[f.name] = part(**value)
+        return cls(**parts)
+
+    @classmethod
+    def from_flags(cls, flags):
+        """The settings of a format 1 checkpoint, which recorded the run's command-line flags
+        ({flag name: value}; flags it lacks take the defaults)."""
+        flags = dict(flags or {})
+        if "no_gpu_data" in flags:
+            flags["gpu_data"] = not flags["no_gpu_data"]
+        if "no_tf32" in flags:
+            flags["tf32"] = not flags["no_tf32"]
+        fge = None
+        if "cycle" in flags:  # an FGE run
+            fge = Cycle(cycle=flags["cycle"], lr_1=flags["lr_1"], lr_2=flags["lr_2"],
+                        source_sha256=flags.get("ckpt_sha256"))
+        return cls(**{f.name: _from_flags(_part_type(f), flags) for f in fields(cls) if f.name != "fge"}, fge=fge)
+
+
+def _part_type(f):
+    return Cycle if f.name == "fge" else f.type
+
+
+def _from_flags(kind, flags):
+    return kind(**{f.name: flags[f.name] for f in fields(kind) if flags.get(f.name) is not None})
+
+
+def _check_known(kind, d, what):
+    if not isinstance(d, dict):
+        raise UserError(f"{what} holds settings of an unknown form ({type(d).__name__})")
+    unknown = sorted(set(d) - {f.name for f in fields(kind)})
+    if unknown:
+        raise UserError(f"{what} has settings this version does not know ({', '.join(unknown)}): "
+                        "it was written by a newer version of the tool; update it")
+
+
+def replace(settings, **changes):
+    """A copy of `settings` with the fields in `changes` (those not None) replaced."""
+    return dataclasses.replace(settings, **{k: v for k, v in changes.items() if v is not None})
