@@ -7,8 +7,6 @@ permutation and served as float batches in [-1, 1] on the training device (see a
 
     python dataset.py --dataset synthetic --max_images 64 --grid faces.png
 """
-import torchvision.utils as vutils
-
 from aemc.cli import ArgParser, positive, run_cli
 from aemc.data import DATASETS, SYNTHETIC_DEFAULT_COUNT, build_loaders, load_images, split_images  # noqa: F401
 from aemc.settings import Data
@@ -46,6 +44,7 @@ def get_args_parser():
 
 
 def main(args):
+    import torchvision.utils as vutils  # seconds to import: only for the preview
     images = load_images(data_settings(args))
     vutils.save_image(images[:args.nrow * args.nrow].float() / 255, args.grid, nrow=args.nrow)
     print(f"{len(images)} images of {tuple(images.shape[1:])}; grid of the first "

@@ -17,7 +17,6 @@ import copy
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 
 from models.symmetry import apply_permutation, identity, permutation_spec
 
@@ -36,6 +35,7 @@ def objective(spec, params_a, params_b, perms, signs):
 
 def _assignment(score):
     """The column assigned to each row maximising the total score (a permutation as a tensor)."""
+    from scipy.optimize import linear_sum_assignment  # a second to import: only when aligning
     rows, cols = linear_sum_assignment(score.numpy(), maximize=True)
     return torch.as_tensor(cols)[torch.as_tensor(rows).argsort()]
 

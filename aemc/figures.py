@@ -1,11 +1,12 @@
-"""Figures of a walk along a path: metric-vs-t plots, reconstruction GIFs and strips."""
-import imageio.v3 as iio
+"""Figures of a walk along a path: metric-vs-t plots, reconstruction GIFs and strips.
+
+matplotlib (its Figure API: no pyplot, no global backend state, works headless), torchvision and
+imageio take seconds to import, which every process of every script would pay before its first
+step: the functions that draw import them.
+"""
 import numpy as np
 import torch
-import torchvision.utils as vutils
-from matplotlib.figure import Figure  # no pyplot: no global backend state, works headless
 from PIL import Image, ImageDraw
-from torchvision.transforms.functional import to_pil_image
 
 COLOURS = {"curve": "tab:blue", "segment": "tab:red", "aligned_segment": "tab:green"}  # by PathKey.name
 SCALE = 2      # reconstructions are 64x64: drawn at 2x in GIFs and strips
@@ -15,6 +16,7 @@ HEADER = 22    # pixels of caption above each GIF frame
 def plot_metric(walks, key, ylabel, path, title=None):
     """`key` against t for every walk {PathKey: {"ts": [...], "train_<key>": [...], "test_<key>": [...]}}:
     train solid, test dashed, one colour per path (as in Garipov et al.'s figures)."""
+    from matplotlib.figure import Figure
     fig = Figure(figsize=(6, 4), dpi=120)
     ax = fig.subplots()
     for path_key, walk in walks.items():
@@ -36,6 +38,7 @@ def plot_metric(walks, key, ylabel, path, title=None):
 def plot_ensemble(walks, loss_name, path, title=None):
     """Two panels against t for every walk: the diversity from each end, and the gain of the
     ensemble of the point with each end (mean of the two members' losses - the ensemble's loss)."""
+    from matplotlib.figure import Figure
     fig = Figure(figsize=(10, 4), dpi=120)
     left, right = fig.subplots(1, 2)
     for key, walk in walks.items():
@@ -60,6 +63,7 @@ def plot_ensemble(walks, loss_name, path, title=None):
 def plot_ensembles(table, loss_name, path, title=None):
     """Test loss against the number of members, one colour per family of ensembles (row["family"]:
     curve, segment, endpoints, ...): the ensemble's loss (solid) and the mean of its members' (dashed)."""
+    from matplotlib.figure import Figure
     fig = Figure(figsize=(6, 4), dpi=120)
     ax = fig.subplots()
     families = {}
@@ -85,6 +89,7 @@ def plot_ensembles(table, loss_name, path, title=None):
 
 def plot_loss_grid(rows, path):
     """One small panel per (loss, pair of inits): test loss against t along every path evaluated."""
+    from matplotlib.figure import Figure
     losses = list(dict.fromkeys(r["loss"] for r in rows))
     pairs = list(dict.fromkeys((r["start"], r["end"]) for r in rows))
     fig = Figure(figsize=(3.2 * len(pairs), 2.6 * len(losses)), dpi=110)
@@ -106,12 +111,15 @@ def plot_loss_grid(rows, path):
 
 def save_rows(rows, path):
     """Save image rows (each (K, 3, H, W) in [-1, 1]) as one PNG grid, a row per tensor."""
+    import torchvision.utils as vutils
     vutils.save_image(torch.cat(rows).float().cpu(), path, nrow=len(rows[0]), normalize=True,
                       value_range=(-1, 1))
 
 
 def _to_pil(images, nrow):
     """(N, 3, 64, 64) in [-1, 1] -> a PIL grid scaled by SCALE."""
+    import torchvision.utils as vutils
+    from torchvision.transforms.functional import to_pil_image
     grid = vutils.make_grid(images.float().cpu(), nrow=nrow, normalize=True, value_range=(-1, 1),
                             pad_value=1.0)
     img = to_pil_image(grid)
@@ -135,6 +143,7 @@ def reconstruction_frames(originals, recons, ts, label):
 
 def save_gif(frames, path, seconds_per_frame=0.3):
     """An endlessly looping GIF of the frames (all the same size)."""
+    import imageio.v3 as iio
     iio.imwrite(path, np.stack(frames), extension=".gif", duration=int(seconds_per_frame * 1000), loop=0)
 
 
@@ -167,6 +176,7 @@ def plot_plane(geometry, values, what, path, has_curve, labels):
     """Filled contours of `values` (G x G, [i, j] at x = xs[i], y = ys[j]) over the plane, with the
     bends marked, the curve drawn, the segment between the ends dashed and diverged (NaN) points
     crossed out."""
+    from matplotlib.figure import Figure
     xs, ys = geometry["xs"], geometry["ys"]
     X, Y = np.meshgrid(xs, ys, indexing="ij")
     Z = np.ma.masked_invalid(values)

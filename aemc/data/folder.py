@@ -9,8 +9,6 @@ import os
 import re
 
 import torch
-import torchvision.transforms.functional as TF
-from torchvision.datasets.folder import IMG_EXTENSIONS
 from tqdm import tqdm
 
 from aemc.errors import UserError, warn
@@ -22,26 +20,35 @@ PREPROCESS = f"PIL RGB; resize shorter side to {IMAGE_SIZE} (bilinear, antialias
 _LEGACY_CACHE = re.compile(rf"^\.cache-{IMAGE_SIZE}px-\d+\.pt$")  # version 1 named caches by image count
 
 
+def image_extensions():
+    """torchvision's image extensions (imported here: torchvision takes seconds to import)."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+    return IMG_EXTENSIONS
+
+
 def list_images(root):
     """Image files under `root` (torchvision's image extensions, recursively, hidden entries
     skipped), sorted, as paths relative to `root`."""
+    extensions = image_extensions()
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in filenames:
-            if not name.startswith(".") and name.lower().endswith(IMG_EXTENSIONS):
+            if not name.startswith(".") and name.lower().endswith(extensions):
                 found.append(os.path.relpath(os.path.join(dirpath, name), root))
     return sorted(found)
 
 
 def has_images(path):
     """Whether `path` is a folder with at least one image file somewhere below it."""
-    return os.path.isdir(path) and any(name.lower().endswith(IMG_EXTENSIONS)
+    extensions = image_extensions()
+    return os.path.isdir(path) and any(name.lower().endswith(extensions)
                                        for _, _, names in os.walk(path) for name in names)
 
 
 def decode_image(path, size=IMAGE_SIZE):
     """One image file -> uint8 (3, size, size): RGB, shorter side resized to `size`, centre crop."""
+    import torchvision.transforms.functional as TF
     from PIL import Image
     with Image.open(path) as im:
         im = im.convert("RGB")  # greyscale, palette and RGBA (alpha dropped) all become RGB
@@ -81,7 +88,7 @@ def load_folder(root, max_images=None, num_workers=0, verbose=True):
         raise UserError(f"image folder {root} does not exist; check --data_path")
     files = list_images(root)
     if not files:
-        raise UserError(f"no images ({', '.join(IMG_EXTENSIONS)}) found under {root}; check --data_path")
+        raise UserError(f"no images ({', '.join(image_extensions())}) found under {root}; check --data_path")
     if max_images is not None:
         files = files[:max_images]
     meta = dict(version=CACHE_VERSION, preprocess=PREPROCESS, count=len(files),
