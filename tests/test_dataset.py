@@ -7,12 +7,12 @@ import pytest
 import torch
 from PIL import Image
 
-from aemc.data import celeba
+from aemc.data import celeba, synthetic
 from aemc.data import folder as image_folder
 from aemc.data.celeba import find_celeba
 from aemc.data.folder import load_folder
 from aemc.data.loader import TensorLoader
-from aemc.data.synthetic import synthetic_faces
+from aemc.data.synthetic import draw_faces, synthetic_faces
 from aemc.errors import UserError
 from aemc.files import file_digest
 from aemc.settings import Data
@@ -21,11 +21,30 @@ from dataset import load_images, split_images
 # ----------------------------------------------------------------------------- synthetic faces
 
 def test_synthetic_is_deterministic_and_seeded():
-    a, b = synthetic_faces(300, seed=3), synthetic_faces(300, seed=3)
+    a, b = draw_faces(300, seed=3), draw_faces(300, seed=3)
     assert a.dtype == torch.uint8 and a.shape == (300, 3, 64, 64)
     assert torch.equal(a, b)
-    assert not torch.equal(a, synthetic_faces(300, seed=4))
-    assert torch.equal(synthetic_faces(100, seed=3), a[:100])  # a prefix is the same faces
+    assert not torch.equal(a, draw_faces(300, seed=4))
+    assert torch.equal(draw_faces(100, seed=3), a[:100])  # a prefix is the same faces
+
+
+def test_synthetic_faces_are_drawn_once_and_read_back(tmp_path, monkeypatch):
+    monkeypatch.setenv("AEMC_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(synthetic, "_MEMORY", {})
+    drawn = []
+    real = synthetic.draw_faces
+    monkeypatch.setattr(synthetic, "draw_faces", lambda *a: (drawn.append(a), real(*a))[1])
+    first = synthetic_faces(40, seed=7)
+    assert torch.equal(first, real(40, 7, 64)) and len(drawn) == 1
+    first.zero_()  # a caller's copy: changing it changes nothing cached
+    assert torch.equal(synthetic_faces(30, seed=7), real(40, 7, 64)[:30]) and len(drawn) == 1  # from memory
+    monkeypatch.setattr(synthetic, "_MEMORY", {})  # a new process: read from the disk cache
+    assert torch.equal(synthetic_faces(40, seed=7), real(40, 7, 64)) and len(drawn) == 1
+    (cached,) = os.listdir(tmp_path)
+    with open(tmp_path / cached, "wb") as f:
+        f.write(b"garbage")  # a damaged cache is drawn again
+    monkeypatch.setattr(synthetic, "_MEMORY", {})
+    assert torch.equal(synthetic_faces(40, seed=7), real(40, 7, 64)) and len(drawn) == 2
 
 
 def _corr(a, b):
