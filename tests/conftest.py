@@ -11,6 +11,24 @@ TINY = ["--dataset", "synthetic", "--max_images", "160", "--in_filters", "4", "-
         "--batch_size", "32", "--device", "cpu", "--num_workers", "0"]
 
 
+# Tests that train or run whole scripts are end-to-end ("slow"): every test using these fixtures is
+# marked so, and `make test-fast` (pytest -m "not slow") leaves them out.
+END_TO_END_FIXTURES = {"ends", "trained_curve", "straight_run", "tiny_args"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if END_TO_END_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def synthetic_cache(tmp_path_factory):
+    """The drawn synthetic faces are cached for the session (and the processes it starts), never in
+    the user's own cache folder."""
+    os.environ["AEMC_CACHE_DIR"] = str(tmp_path_factory.mktemp("aemc-cache"))
+
+
 @pytest.fixture
 def tiny_args():
     """Build train.py args for a tiny synthetic run: tiny_args(dir, "--epochs", "2", ...)."""

@@ -2,9 +2,10 @@
 (trainer.train_one_epoch on a DistributedDataParallel model and a sharded loader), then rank 0
 saves what the test compares with a single-process reference.
 
-    python -m torch.distributed.run --standalone --nproc-per-node 2 tests/ddp_worker.py MODE OUT
+    python -m torch.distributed.run --standalone --nproc-per-node 2 tests/ddp_worker.py MODES OUT
 
-MODE: endpoint | shared | per_rank | stratified (a 3-bend Bezier curve with that t sampling).
+MODES: a comma-separated list of endpoint | shared | per_rank | stratified (a 3-bend Bezier curve
+with that t sampling), run one after the other in one launch; rank 0 saves OUT/<mode>.pt.
 """
 import os
 import sys
@@ -42,8 +43,14 @@ def build(mode):
     return model
 
 
-def main(mode, out):
+def main(modes, out):
     device = distributed.setup(torch.device("cpu"))
+    for mode in modes.split(","):
+        steps(mode, device, os.path.join(out, f"{mode}.pt"))
+    distributed.shutdown()
+
+
+def steps(mode, device, out):
     rank, world = distributed.rank(), distributed.world()
     model = build(mode)
     drawn = []
@@ -63,7 +70,6 @@ def main(mode, out):
     ts = distributed.gather(drawn)
     if distributed.is_main():
         torch.save({"params": {n: p.detach() for n, p in model.named_parameters()}, "ts": ts}, out)
-    distributed.shutdown()
 
 
 if __name__ == "__main__":

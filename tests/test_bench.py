@@ -1,6 +1,6 @@
-"""bench.py's harness only: that it runs, writes what it prints, and derives each ratio from the
-figures it measured. Whether the code is fast is what bench.py itself measures (BENCHMARKS.md);
-timings are never asserted here."""
+"""bench.py's harness: it runs the sections it is asked for, writes what it returns, measures the
+code users run, and refuses what it cannot measure. Whether the code is fast is what bench.py itself
+measures (BENCHMARKS.md); timings are never asserted here."""
 import json
 
 import pytest
@@ -9,31 +9,23 @@ import bench
 from aemc.errors import UserError
 
 
-def test_harness_runs_and_derives_its_ratios_from_its_measurements(tmp_path):
+def test_the_sections_asked_for_run_and_are_written(tmp_path):
     out = tmp_path / "bench.json"
-    results = bench.main(bench.get_args_parser().parse_args(["--quick", "--device", "cpu", "--json", str(out)]))
+    results = bench.main(bench.get_args_parser().parse_args(
+        ["--quick", "--in_filters", "8", "--device", "cpu", "--sections", "alignment,curve_step", "--json", str(out)]))
     saved = json.loads(out.read_text())
-    assert saved["config"]["in_filters"] == 4 and saved["config"]["device"] == "cpu"
-    assert saved["results"] == json.loads(json.dumps(results))
-    data = results["data"]
-    assert data["memory_over_pil"] == pytest.approx(data["memory_images_per_s"] / data["pil_images_per_s"])
-    training = results["training"]
-    assert training["fp32_speedup"] == 1.0
-    for name in ("channels_last", "bf16", "bf16+channels_last"):
-        assert training[f"{name}_speedup"] == pytest.approx(training[f"{name}_images_per_s"] / training["fp32_images_per_s"])
-    assert training["peak_rss_MiB"] > 0
-    step = results["curve_step"]
-    assert step["curve_over_endpoint"] == pytest.approx(step["curve_step_s"] / step["endpoint_step_s"])
-    point = results["eval_point"]
-    assert point["point_over_bare"] == point["point_s"] / point["bare_passes_s"]
-    assert point["plane_point_over_bare"] == point["plane_point_s"] / point["bare_passes_s"]
-    spread = results["distributed_eval"]
-    assert spread["two_over_one"] == pytest.approx(spread["two_processes_points_per_s"] / spread["one_process_points_per_s"])
+    assert list(results) == ["alignment", "curve_step"] and saved["results"] == json.loads(json.dumps(results))
+    assert saved["config"]["in_filters"] == 8 and saved["config"]["device"] == "cpu"
+    # the alignment section runs the real weight matching: a planted permutation is undone exactly
+    # (at 8 filters and wider in one restart; at 4 it can stop in a local optimum), two independent
+    # networks are only brought somewhat closer
     alignment = results["alignment"]
-    assert all(0 <= alignment[f"{k}_distance_after_over_before"] <= 1 for k in ("planted", "independent"))
-    assert point["lpips_point_over_point"] == point["point_lpips_s"] / point["point_s"]
+    assert alignment["planted_distance_after_over_before"] < 1e-6
+    assert 0.5 < alignment["independent_distance_after_over_before"] < 1
 
 
-def test_gpu_targets_need_cuda():
+def test_what_it_cannot_measure_is_one_clear_error():
     with pytest.raises(UserError, match="--device cuda"):
         bench.main(bench.get_args_parser().parse_args(["--quick", "--device", "cpu", "--gpu_targets"]))
+    with pytest.raises(UserError, match="unknown nothing"):
+        bench.main(bench.get_args_parser().parse_args(["--quick", "--device", "cpu", "--sections", "nothing"]))

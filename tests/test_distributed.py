@@ -14,7 +14,7 @@ from torch import nn
 from aemc import checkpoints
 from aemc.data.loader import TensorLoader
 from aemc.data.synthetic import synthetic_faces
-from conftest import ROOT, TINY, read_log, train_main
+from conftest import ROOT, TINY, read_log, run_script, train_main
 
 pytestmark = pytest.mark.slow
 
@@ -50,12 +50,21 @@ def reference_steps(mode, ts=None):
     return {n: p.detach() for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("mode", ["endpoint", "shared", "stratified"])
-def test_data_parallel_steps_equal_the_single_process_reference(mode, tmp_path):
-    out = tmp_path / "out.pt"
-    r = torchrun(os.path.join("tests", "ddp_worker.py"), mode, out)
+MODES = ("endpoint", "shared", "stratified")
+
+
+@pytest.fixture(scope="module")
+def data_parallel_steps(tmp_path_factory):
+    """One torchrun launch (2 processes) running the steps of every mode: {mode: rank 0's file}."""
+    out = tmp_path_factory.mktemp("ddp")
+    r = torchrun(os.path.join("tests", "ddp_worker.py"), ",".join(MODES), out)
     assert r.returncode == 0, r.stderr[-3000:]
-    result = torch.load(out, weights_only=True)
+    return {mode: out / f"{mode}.pt" for mode in MODES}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_data_parallel_steps_equal_the_single_process_reference(mode, data_parallel_steps):
+    result = torch.load(data_parallel_steps[mode], weights_only=True)
     ts = result["ts"]
     steps = ddp_worker.IMAGES // ddp_worker.BATCH
     if mode == "shared":
@@ -95,11 +104,10 @@ def test_train_py_under_torchrun_writes_one_set_of_files_and_resumes(tmp_path):
 def test_distributed_evaluations_equal_single_process_runs(trained_curve, tmp_path):
     curve = os.path.join(trained_curve, "checkpoint-last.pt")
     common = ["--ckpt", curve, "--bn_batches", "3", "--device", "cpu"]
-    for script, extra in (("eval_curve.py", ["--num_points", "5"]), ("plane.py", ["--grid_points", "3"])):
+    for script, extra in (("eval_curve.py", ["--num_points", "3"]), ("plane.py", ["--grid_points", "2"])):
         r = torchrun(script, *common, *extra, "--dir", tmp_path / script / "two")
         assert r.returncode == 0, r.stderr[-3000:]
-        r1 = subprocess.run([sys.executable, script, *common, *extra, "--dir", tmp_path / script / "one"],
-                            cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        r1 = run_script(script, *common, *extra, "--dir", tmp_path / script / "one")  # one process
         assert r1.returncode == 0, r1.stderr[-3000:]
         one, two = (sorted(f for f in os.listdir(tmp_path / script / d) if f != "command.txt") for d in ("one", "two"))
         assert one == two and not [f for f in two if ".tmp" in f]  # the same files, written once
@@ -119,11 +127,21 @@ def test_sync_batchnorm_needs_several_cuda_processes(tmp_path):
         train_main("--dir", tmp_path, *TINY, "--sync_bn")
 
 
-def test_scripts_that_run_as_one_process_say_so(ends, tmp_path):
-    r = torchrun("align.py", "--init_start", ends[0], "--init_end", ends[1], "--out", tmp_path / "x.pt",
-                 "--device", "cpu")
-    assert r.returncode != 0 and "align.py runs as one process" in r.stderr
-    assert r.stderr.count("runs as one process") == 1  # one process says it
+@pytest.mark.parametrize("script", ["align.py", "check_ends.py", "extract_point.py", "fge.py", "study.py"])
+def test_scripts_that_run_as_one_process_say_so(script, ends, trained_curve, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it for each of its processes
+    argv = {"align.py": ["--init_start", ends[0], "--init_end", ends[1], "--out", tmp_path / "x.pt"],
+            "check_ends.py": ["--ckpt", os.path.join(trained_curve, "checkpoint-last.pt")],
+            "extract_point.py": ["--ckpt", os.path.join(trained_curve, "checkpoint-last.pt"), "--t", "0.5",
+                                 "--out", tmp_path / "p.pt"],
+            "fge.py": ["--ckpt", ends[0], "--dir", tmp_path / "f"],
+            "study.py": ["--dir", tmp_path / "s", "--preset", "tiny"]}[script]
+    r = run_script(script, *argv, *([] if script == "study.py" else ["--device", "cpu"]))
+    assert r.returncode == 2 and f"{script} runs as one process" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not os.listdir(tmp_path)
+    monkeypatch.setenv("RANK", "1")  # ... and only rank 0 says it
+    r = run_script(script, *argv, *([] if script == "study.py" else ["--device", "cpu"]))
+    assert r.returncode == 2 and r.stderr == ""
 
 
 def test_a_failing_process_stops_the_others_with_one_message(tmp_path):

@@ -147,29 +147,29 @@ def test_outputs_hold_the_grid_the_geometry_and_figures(small_plane, trained_cur
 
 
 def test_an_interrupted_plane_continues_to_the_same_arrays(trained_curve, tmp_path, monkeypatch):
-    common = ["--ckpt", os.path.join(trained_curve, "checkpoint-last.pt"), "--grid_points", 3,
+    common = ["--ckpt", os.path.join(trained_curve, "checkpoint-last.pt"), "--grid_points", 2,
               "--bn_batches", 2, "--device", "cpu"]
     whole = plane_cli(*common, "--dir", tmp_path / "whole")["metrics"]
     real = PointEvaluator.__call__
     calls = {"n": 0}
 
-    def interrupt_at_the_fifth(self, theta):
+    def interrupt_at_the_third(self, theta):
         calls["n"] += 1
-        if calls["n"] == 5:
+        if calls["n"] == 3:
             raise KeyboardInterrupt
         return real(self, theta)
-    monkeypatch.setattr(PointEvaluator, "__call__", interrupt_at_the_fifth)
-    with pytest.raises(Interrupted, match="after 4 of 9 points"):
+    monkeypatch.setattr(PointEvaluator, "__call__", interrupt_at_the_third)
+    with pytest.raises(Interrupted, match="after 2 of 4 points"):
         plane_cli(*common, "--dir", tmp_path / "split")
     (partial,) = [f for f in os.listdir(tmp_path / "split") if f.endswith(".npz")]
     saved = np.load(tmp_path / "split" / partial)
-    assert saved["done"].sum() == 4 and np.isnan(saved["test_loss"]).sum() == 5  # a valid partial file
+    assert saved["done"].sum() == 2 and np.isnan(saved["test_loss"]).sum() == 2  # a valid partial file
     monkeypatch.undo()
     evaluated = []
     monkeypatch.setattr(PointEvaluator, "__call__",
                         lambda self, theta: (evaluated.append(1), real(self, theta))[1])
     resumed = plane_cli(*common, "--dir", tmp_path / "split")["metrics"]
-    assert len(evaluated) == 5  # only the points not done
+    assert len(evaluated) == 2  # only the points not done
     assert all(np.array_equal(resumed[k], whole[k]) for k in whole)
     with pytest.raises(UserError, match="other settings.*bn_batches: 2 there, 3 now"):
         plane_cli(*common[:-4], "--bn_batches", 3, "--device", "cpu", "--dir", tmp_path / "split")

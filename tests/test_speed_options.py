@@ -50,6 +50,7 @@ def test_bf16_and_channels_last_forward_losses_match_fp32(curve):
     assert cl == pytest.approx(ref, rel=LAYOUT_RTOL)
 
 
+@pytest.mark.slow
 def test_training_with_fast_options_stays_close_to_fp32(tmp_path):
     logs = {}
     for name, extra in {"fp32": [], "bf16": ["--amp", "bf16"], "cl": ["--channels_last"],
@@ -89,7 +90,7 @@ def test_channels_last_loader_gives_the_same_values_in_nhwc_layout():
 def test_no_host_sync_per_training_step(monkeypatch):
     torch.manual_seed(0)
     model = Autoencoder(in_filters=4, latent_dim=8)
-    loader = TensorLoader(synthetic_faces(160), 4)  # 40 steps
+    loader = TensorLoader(synthetic_faces(240), 2)  # 120 steps
     calls = {"n": 0}
 
     def counting(real):  # count the host syncs the training loop itself asks for
@@ -102,8 +103,8 @@ def test_no_host_sync_per_training_step(monkeypatch):
         monkeypatch.setattr(torch.Tensor, name, counting(getattr(torch.Tensor, name)))
     trainer.train_one_epoch(model, loader, torch.optim.Adam(model.parameters()), torch.nn.L1Loss(),
                             noise_std=0.05, verbose=False)
-    # one sync (all the sums at once) at batches 20 and 40 and at the end: nothing per step
-    assert 1 <= calls["n"] <= 40 // trainer.FINITE_CHECK_EVERY + 1
+    # the sums are read at a few periodic checks and at the end: at most one sync per ten steps
+    assert 1 <= calls["n"] <= 120 // 10
 
 
 def test_fp16_needs_cuda(tmp_path):
@@ -126,7 +127,12 @@ def test_eval_curve_fast_options_match(trained_curve, tmp_path):
 
 
 @pytest.mark.slow
-def test_compiled_training_matches_eager(tmp_path):
+def test_compiled_training_matches_eager(tmp_path, monkeypatch):
+    # On the CPU, torch.compile's default backend spends minutes generating C++; "aot_eager" traces
+    # the same graphs (dynamo and AOT autograd: where our wrappers, checkpoints and BatchNorm passes
+    # meet torch.compile) and runs them eagerly. tests/test_gpu.py runs the default backend on CUDA.
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: real_compile(model, **{"backend": "aot_eager", **kw}))
     train_main("--dir", tmp_path / "eager", *TINY, "--epochs", "1")
     train_main("--dir", tmp_path / "compiled", *TINY, "--epochs", "1", "--compile")
     eager, compiled = read_log(tmp_path / "eager")[0], read_log(tmp_path / "compiled")[0]

@@ -13,7 +13,8 @@ from aemc import studies
 from aemc.files import file_digest
 from conftest import ROOT, run_script
 
-TINY = ["--preset", "tiny", "--losses", "mae", "--inits", "normal,kaiming_normal", "--align"]
+TINY = ["--preset", "tiny", "--losses", "mae", "--inits", "normal,kaiming_normal", "--align", "--max_images", "128",
+        "--num_points", "3"]
 
 
 def run_study(*argv):
