@@ -26,6 +26,11 @@ demo: $(VENV)/.installed
 		--fix_start --fix_end
 	$(PY) check_ends.py --ckpt $(DEMO)/curve/checkpoint-8.pt
 	$(PY) eval_curve.py --ckpt $(DEMO)/curve/checkpoint-8.pt --num_points 11 --lpips --dir $(DEMO)/eval
+	# the README shows these (and a test checks its numbers against demo_results.json)
+	cp $(DEMO)/eval/curve_checkpoint-8-curve-11pts.json media/demo_results.json
+	cp $(DEMO)/eval/curve_checkpoint-8-curve-11pts_loss.png media/demo_loss.png
+	cp $(DEMO)/eval/curve_checkpoint-8-curve-11pts_curve.gif media/demo_curve.gif
+	cp $(DEMO)/eval/curve_checkpoint-8-curve-11pts_segment.gif media/demo_segment.gif
 	@echo
 	@echo "demo done, everything is in $(DEMO)/:"
 	@echo "  endpoint and curve checkpoints, log.jsonl, recon/ grids per epoch"

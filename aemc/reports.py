@@ -34,9 +34,11 @@ def walk_report(out_dir, sources, num_points, aligned=False):
     return os.path.join(out_dir, walk_name(sources, num_points, aligned) + ".json")
 
 
-def checkpoint_records(sources):
-    """{role: {"path", "sha256"}} of the source checkpoints ({role: path})."""
-    return {k: {"path": os.path.abspath(p), "sha256": file_digest(p)} for k, p in sources.items()}
+def checkpoint_records(sources, folder):
+    """{role: {"path", "sha256"}} of the source checkpoints ({role: path}); paths relative to the
+    report's `folder`, so that a run directory can be moved or shared with its reports."""
+    return {k: {"path": os.path.relpath(os.path.abspath(p), os.path.abspath(folder)), "sha256": file_digest(p)}
+            for k, p in sources.items()}
 
 
 def write_walks(base, *, walks, samples, loss_name, sources, config, lpips_source=None, length_ratio=None,
@@ -66,7 +68,8 @@ def write_walks(base, *, walks, samples, loss_name, sources, config, lpips_sourc
         figures.save_gif(frames, files[f"{key.name}_gif"])
         figures.save_strip(samples, res["recons"], res["ts"], key.label, files[f"{key.name}_strip"])
     files["json"] = base + ".json"
-    report = {"config": config, "loss": loss_name, "units": UNITS, "checkpoints": checkpoint_records(sources),
+    report = {"config": config, "loss": loss_name, "units": UNITS,
+              "checkpoints": checkpoint_records(sources, os.path.dirname(base)),
               "lpips_weights": lpips_source, "length_ratio": length_ratio, "alignment": alignment, **(extra or {}),
               "paths": {key.name: {"path": key.to_dict(), "label": key.label,
                                    **{k: v for k, v in res.items() if k != "recons"}}
@@ -122,7 +125,8 @@ def write_plane(base, *, geometry, metrics, loss_name, sources, config, has_curv
         files[f"{key}_plane"] = path
     files["json"] = base + ".json"
     report = {"config": config, "loss": loss_name, "units": f"{UNITS}; coordinates in weight-space distance "
-              "(and as fractions of dx, dy)", "checkpoints": checkpoint_records(sources), "lpips_weights": lpips_source,
+              "(and as fractions of dx, dy)", "checkpoints": checkpoint_records(sources, os.path.dirname(base)),
+              "lpips_weights": lpips_source,
               **{k: plain(v) for k, v in geometry.items()}, "metrics": {k: plain(v) for k, v in metrics.items()},
               "files": {role: os.path.basename(path) for role, path in files.items()}}
     write_json(files["json"], report)  # last: its presence means everything it lists is there
@@ -143,7 +147,8 @@ def write_ensembles(base, *, table, loss_name, sources, config, lpips_source=Non
     figures.plot_ensembles(table, loss_name, files["plot"], os.path.basename(base))
     files["json"] = base + ".json"
     report = {"config": config, "loss": loss_name, "units": "test metrics on images in [-1, 1]; "
-              "gain = mean of the members' values - the ensemble's value", "checkpoints": checkpoint_records(sources),
+              "gain = mean of the members' values - the ensemble's value",
+              "checkpoints": checkpoint_records(sources, os.path.dirname(base)),
               "lpips_weights": lpips_source, **(extra or {}), "ensembles": table,
               "files": {role: os.path.basename(path) for role, path in files.items()}}
     write_json(files["json"], report)  # last: its presence means everything it lists is there

@@ -143,6 +143,7 @@ def test_outputs_hold_the_numbers_of_an_independent_evaluation(evaluated, traine
     assert report["lpips_weights"].endswith("alexnet.ckpt")
     ckpt = os.path.join(trained_curve, "checkpoint-last.pt")
     assert report["checkpoints"]["ckpt"]["sha256"] == file_digest(ckpt)
+    assert os.path.samefile(os.path.join(os.path.dirname(base), report["checkpoints"]["ckpt"]["path"]), ckpt)
     ck = checkpoints.load(ckpt)
     bends = [{n[len(f"bends.{k}."):]: v for n, v in ck.state_dict.items() if n.startswith(f"bends.{k}.")}
              for k in range(3)]
