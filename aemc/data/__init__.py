@@ -16,7 +16,8 @@ from aemc import distributed
 from aemc.data.celeba import find_celeba
 from aemc.data.folder import load_folder
 from aemc.data.loader import TensorLoader
-from aemc.data.synthetic import DEFAULT_COUNT as SYNTHETIC_DEFAULT_COUNT, synthetic_faces
+from aemc.data.synthetic import DEFAULT_COUNT as SYNTHETIC_DEFAULT_COUNT
+from aemc.data.synthetic import synthetic_faces
 from aemc.errors import UserError
 from aemc.settings import Data, Speed
 

@@ -99,7 +99,8 @@ def download_celeba(data_path):
     if not zipfile.is_zipfile(tmp):
         with open(tmp, "rb") as f:
             head = f.read(512).lower()
-        kind = "an HTML page (Drive's quota or permission page)" if b"<html" in head or b"<!doctype" in head else "not a zip file"
+        html = b"<html" in head or b"<!doctype" in head
+        kind = "an HTML page (Drive's quota or permission page)" if html else "not a zip file"
         fail(f"Google Drive sent {kind} instead of the zip")
     digest = file_digest(tmp, "md5")
     if CELEBA_MD5 and digest != CELEBA_MD5:
