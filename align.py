@@ -18,7 +18,7 @@ from aemc.cli import ArgParser, positive, run_cli
 from aemc.errors import UserError
 from aemc.evaluation import output_difference
 from aemc.files import RunDir, file_digest
-from utils import add_align_args, add_device_arg, alignment_settings, resolve_device
+from utils import add_align_args, add_arch_arg, add_device_arg, alignment_settings, allow_architecture, resolve_device
 
 ROUND_OFF = 1e-4  # max |pi(B)(x) - B(x)| allowed: float32 round-off of a reordered sum, not a new function
 
@@ -29,6 +29,7 @@ def get_args_parser():
     p.add_argument("--init_end", required=True, metavar="B", help="the endpoint whose units are permuted")
     p.add_argument("--out", required=True, help="where to write the aligned copy of B")
     add_device_arg(p)
+    add_arch_arg(p)
     p.add_argument("--check_batches", type=positive(int), default=4,
                    help="test batches on which pi(B) must compute what B computes (4)")
     add_align_args(p, prefix="")
@@ -38,6 +39,7 @@ def get_args_parser():
 
 def main(args):
     distributed.refuse_several("align.py")
+    allow_architecture(args)
     device = resolve_device(args.device)
     (a, ack), (b, bck) = checkpoints.load_endpoints([args.init_start, args.init_end])
     out_dir = os.path.dirname(os.path.abspath(args.out))

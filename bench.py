@@ -28,7 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import dataset
 import trainer
-from aemc import checkpoints, resumable, speed
+from aemc import architectures, checkpoints, resumable, speed
 from aemc.alignment import align
 from aemc.cli import ArgParser, positive, run_cli
 from aemc.data import folder
@@ -176,17 +176,38 @@ def bench_training(cfg, device, batch_size=None, steps=2):
     return out
 
 
+def arch_sizes(cfg):
+    """Each built-in architecture at the bench's width, on images of the size it is meant for:
+    {name: (Architecture, channels, image size)}."""
+    f = cfg["in_filters"]
+    return {"conv": (Architecture("conv", dict(in_filters=f)), 3, 64),
+            "resnet": (Architecture("resnet", dict(in_filters=max(f // 4, 4))), 3, 64),
+            "vae": (Architecture("vae", dict(in_filters=max(f // 2, 4))), 3, 64),
+            "mlp": (Architecture("mlp", dict(in_channels=1, image_size=28, hidden=8 * f, latent_dim=32)), 1, 28)}
+
+
 def bench_curve_step(cfg, device):
-    """Endpoint step vs 3-bend Bezier curve step (fixed ends), same data, same code path."""
-    torch.manual_seed(0)
-    loader = step_images(device, cfg["batch_size"])
-    endpoint = Autoencoder(in_filters=cfg["in_filters"]).to(device)
-    curve = CurveNet(Autoencoder(in_filters=cfg["in_filters"]), Bezier, 3).to(device)
-    curve.init_linear()
-    t = interleaved({"endpoint": epoch_runner(endpoint, loader),
-                     "curve": epoch_runner(curve, loader, curve_wd=1e-6)}, device, cfg["repeats"])
-    return {"endpoint_step_s": t["endpoint"] / 2, "curve_step_s": t["curve"] / 2,
-            "curve_over_endpoint": t["curve"] / t["endpoint"]}
+    """Endpoint step vs 3-bend Bezier curve step (fixed ends), same data, same code path, for each
+    built-in architecture (conv at width f; resnet f/4 and vae f/2, their default ratio to conv's;
+    mlp 784-8f-32 on 28x28 grey)."""
+    fns = {}
+    for name, (arch, channels, size) in arch_sizes(cfg).items():
+        torch.manual_seed(0)
+        images = synthetic_faces(cfg["batch_size"] * 2, size=size)
+        images = images[:, :1].contiguous() if channels == 1 else images
+        loader = TensorLoader(images, cfg["batch_size"], device, shuffle=True)
+        endpoint = architectures.build(arch).to(device)
+        curve = CurveNet(architectures.build(arch), Bezier, 3).to(device)
+        curve.init_linear()
+        fns[f"{name}_endpoint"] = epoch_runner(endpoint, loader)
+        fns[f"{name}_curve"] = epoch_runner(curve, loader, curve_wd=1e-6)
+    t = interleaved(fns, device, cfg["repeats"])
+    out = {"endpoint_step_s": t["conv_endpoint"] / 2, "curve_step_s": t["conv_curve"] / 2,
+           "curve_over_endpoint": t["conv_curve"] / t["conv_endpoint"]}
+    for name in arch_sizes(cfg):
+        if name != "conv":
+            out[f"{name}_curve_over_endpoint"] = t[f"{name}_curve"] / t[f"{name}_endpoint"]
+    return out
 
 
 # ----------------------------------------------------------------------------- evaluation

@@ -22,9 +22,9 @@ from aemc.checkpoints import Checkpoint
 from aemc.cli import ArgParser, positive, run_cli
 from aemc.errors import UserError
 from aemc.evaluation import evaluate, output_difference, weight_distance
-from aemc.losses import build_loss
+from aemc.losses import build_loss, reconstruction
 from models.curves import CurveNet, connect, curve_name
-from utils import add_device_arg, resolve_device
+from utils import add_arch_arg, add_device_arg, allow_architecture, resolve_device
 
 TOLERANCE = 1e-5          # float32 max |difference| between an end of the curve and its endpoint
 MIN_RELATIVE_DISTANCE = 1e-4  # endpoints closer than this (relative weight distance) are "the same"
@@ -44,6 +44,7 @@ def get_args_parser():
     p.add_argument("--init_end", default=None, help="endpoint at t = 1 (default: the curve's own)")
     p.add_argument("--dir", default=None, help="where the grids go (default: the checkpoint's folder)")
     add_device_arg(p)
+    add_arch_arg(p)
     p.add_argument("--num_batches", type=positive(int), default=4, help="test batches compared (4)")
     dataset.add_data_args(p, inherit=True)
     return p
@@ -61,7 +62,7 @@ def curve_end(curve, t, endpoint):
 def save_grid(batch, endpoint, point, path):
     """Rows: originals | endpoint reconstructions | curve-end reconstructions."""
     x = batch[:8]
-    figures.save_rows([x, endpoint(x), point(x)], path)
+    figures.save_rows([x, reconstruction(endpoint(x)), reconstruction(point(x))], path)
 
 
 @dataclass
@@ -109,6 +110,7 @@ def load_curve_and_ends(args, device):
 
 def main(args):
     distributed.refuse_several("check_ends.py")
+    allow_architecture(args)
     device = resolve_device(args.device)
     checked = load_curve_and_ends(args, device)
     curve, start, end, ck, paths = checked.curve, checked.start, checked.end, checked.checkpoint, checked.paths

@@ -1,14 +1,15 @@
 """The data: the flags every script shares, the Data settings they make, the loaders built from
 them (`build_loaders`), and a preview CLI.
 
-Every source ends as one uint8 tensor (N, 3, 64, 64): aligned CelebA (found or downloaded), any
-folder of images (decoded once and cached), or built-in synthetic faces; it is split 4:1 by a fixed
-permutation and served as float batches in [-1, 1] on the training device (see aemc.data).
+Every source ends as uint8 tensors (N, C, H, W): aligned CelebA (found or downloaded), any folder
+of images (decoded once and cached), built-in synthetic faces, MNIST, Fashion-MNIST or CIFAR-10
+(through torchvision); split and served as float batches in [-1, 1] on the training device (see
+aemc.data).
 
     python dataset.py --dataset synthetic --max_images 64 --grid faces.png
 """
 from aemc.cli import ArgParser, positive, run_cli
-from aemc.data import DATASETS, SYNTHETIC_DEFAULT_COUNT, build_loaders, load_images, split_images  # noqa: F401
+from aemc.data import DATASETS, SYNTHETIC_DEFAULT_COUNT, build_loaders, load_images, load_splits, split_images  # noqa: F401
 from aemc.settings import Data
 
 
@@ -17,7 +18,8 @@ def add_data_args(parser, inherit=False):
     checkpoint's run used (see `data_settings`)."""
     d = (lambda k: None) if inherit else (lambda k: getattr(Data, k))
     g = parser.add_argument_group("data" + (" (default: as in the checkpoint's run)" if inherit else ""))
-    g.add_argument("--dataset", choices=DATASETS, default=d("dataset"), help="celeba, folder or synthetic")
+    g.add_argument("--dataset", choices=DATASETS, default=d("dataset"),
+                   help="celeba, folder, synthetic, mnist, fashion_mnist or cifar10 (see docs/data.md)")
     g.add_argument("--data_path", default=d("data_path"), help="CelebA root or image folder (data)")
     g.add_argument("--max_images", type=positive(int), default=d("max_images"),
                    help=f"use the first N images (synthetic default: {SYNTHETIC_DEFAULT_COUNT})")
@@ -25,6 +27,13 @@ def add_data_args(parser, inherit=False):
     g.add_argument("--batch_size", type=positive(int), default=d("batch_size"), help="(64)")
     g.add_argument("--num_workers", type=int, default=d("num_workers"),
                    help="processes decoding images for the cache (4)")
+    g.add_argument("--image_size", type=positive(int), default=d("image_size"),
+                   help="synthetic, folder, celeba: the side of the square images (64)")
+    g.add_argument("--channels", type=int, choices=(1, 3), default=d("channels"),
+                   help="synthetic, folder, celeba: 3 (RGB, default) or 1 (grey)")
+    g.add_argument("--random_split", dest="native_split", action="store_false", default=None if inherit else True,
+                   help="mnist, fashion_mnist, cifar10: the fixed 4:1 split of all images instead of the "
+                        "dataset's own train/test split")
     return g
 
 

@@ -20,10 +20,12 @@ import torch
 
 import dataset
 from aemc import checkpoints, distributed, reports
+from aemc.barriers import barriers, higher_is_better
 from aemc.cli import ArgParser, positive, run_cli
 from aemc.ensembles import Ensemble, member_state, score_ensembles
 from aemc.errors import UserError
 from aemc.files import output_stem
+from aemc.repair import interpolate, layers_to_repair
 from aemc.settings import Run
 from models.curves import connect
 from utils import (
@@ -55,6 +57,8 @@ def get_args_parser():
     p.add_argument("--dir", default=None, help="output folder (default: <checkpoint folder>/ensemble)")
     add_evaluation_args(p, "also LPIPS (AlexNet) of members and ensembles",
                         "training batches for each member's BatchNorm re-estimation")
+    p.add_argument("--repair", action="store_true",
+                   help="REPAIR the members on the segment (Jordan et al. 2023; see eval_curve.py --repair)")
     dataset.add_data_args(p, inherit=True)
     return p
 
@@ -121,7 +125,12 @@ def main(args):
     members = chosen.members
     session.prepare(dataset.data_settings(args, chosen.run.data), loss_settings(args, chosen.run.loss),
                     output_dir(args.dir, chosen.sources, "ensemble"))
-    evaluator = session.evaluator(chosen.template, lpips=False)
+    if args.repair and args.ckpts:
+        raise UserError("--repair applies to the members on a segment: give --ckpt CURVE, not --ckpts")
+    evaluator = session.evaluator(chosen.template, image_metrics=False,
+                                  repair_layers=layers_to_repair(chosen.template) if args.repair else None)
+    segment = next((source for key, (source, t) in members.items() if key.startswith("segment")), None)
+    ends = [evaluator.statistics(segment.to(device).weights(t)) for t in (0.0, 1.0)] if args.repair else None
     loss_name = session.loss.loss_function
     print(f"{len(members)} members, {len(chosen.ensembles)} ensembles; BatchNorm re-estimated on "
           f"{args.bn_batches or len(session.train_loader)} training batches per member; loss {loss_name} "
@@ -130,7 +139,8 @@ def main(args):
     for key in distributed.share(list(members)):
         source, t = members[key]
         theta = dict(source.named_parameters()) if t is None else source.to(device).weights(t)
-        mine[key] = {k: v.cpu() for k, v in member_state(evaluator, theta).items()}
+        targets = interpolate(ends, (1 - t, t)) if ends and key.startswith("segment") else None
+        mine[key] = {k: v.cpu() for k, v in member_state(evaluator, theta, targets).items()}
     everyone, main = distributed.gather(mine), distributed.is_main()
     distributed.shutdown()
     if not main:
@@ -140,11 +150,33 @@ def main(args):
     table = score_ensembles(evaluator.module, states, chosen.ensembles, session.test_loader, session.loss_fns,
                             session.image_metrics, session.speed.amp)
     print(format_table(table, loss_name))
+    along = member_barriers(table, members)
+    for family, by_metric in along.items():
+        b = by_metric["loss"]
+        print(f"  the {family}'s members: test loss barrier_mean_ends {b['barrier_mean_ends']:.5f}, "
+              f"barrier_line {b['barrier_line']:.5f}")
     files = reports.write_ensembles(os.path.join(session.out_dir, f"{chosen.name}-ensembles"), table=table,
                                     loss_name=loss_name, sources=chosen.sources, config={"flags": vars(args)},
-                                    lpips_source=session.lpips.source if session.lpips is not None else None)
+                                    lpips_source=session.lpips.source if session.lpips is not None else None,
+                                    extra={"path_barriers": along, "repair": args.repair})
     print("outputs:\n  " + "\n  ".join(files.values()))
     return {"table": table, "files": files}
+
+
+def member_barriers(table, members):
+    """The named barriers of every test metric along the curve and the segment, from the members of
+    each family's largest ensemble (their own scores, at their t): {family: {metric: {...}}}."""
+    out = {}
+    for family in ("curve", "segment"):
+        rows = [row for row in table.values() if row["family"] == family]
+        if not rows:
+            continue
+        row = max(rows, key=lambda r: len(r["keys"]))
+        order = sorted(range(len(row["keys"])), key=lambda i: members[row["keys"][i]][1])
+        ts = [members[row["keys"][i]][1] for i in order]
+        out[family] = {m: barriers(ts, [row["members"][i][m] for i in order], higher_is_better(m))
+                       for m in row["members"][0]}
+    return out
 
 
 def format_table(table, loss_name):

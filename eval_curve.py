@@ -22,8 +22,10 @@ from aemc.alignment import align_to
 from aemc.cli import ArgParser, positive, run_cli
 from aemc.ensembles import EndEnsembles
 from aemc.errors import UserError
-from aemc.evaluation import update_bn
+from aemc.evaluation import prior_samples, update_bn
+from aemc.layerwise import LayerwisePath, layer_groups
 from aemc.paths import PathKey, summary, walk
+from aemc.repair import layers_to_repair
 from aemc.settings import Run
 from models.curves import connect, curve_name
 from utils import (
@@ -40,9 +42,10 @@ def get_args_parser():
     p = ArgParser("eval_curve.py", description=__doc__.split("\n")[0])
     p.add_argument("--dir", default=None, help="output folder (default: <checkpoint folder>/eval)")
     p.add_argument("--ckpt", default=None, help="curve checkpoint (for --connect CURVE)")
-    p.add_argument("--connect", type=str.upper, choices=("CURVE", "TRIVIAL"), default="CURVE",
+    p.add_argument("--connect", type=str.upper, choices=("CURVE", "TRIVIAL", "LAYERWISE"), default="CURVE",
                    help="CURVE: the trained curve (and its segment); TRIVIAL: the segment between "
-                        "--init_start and --init_end")
+                        "--init_start and --init_end; LAYERWISE: that segment, and for each group of layers "
+                        "the path that interpolates only that group (the rest stays at the start)")
     p.add_argument("--curve", type=curve_name, default=None, help="checked against the checkpoint")
     p.add_argument("--num_bends", type=positive(int), default=None, help="checked against the checkpoint")
     p.add_argument("--init_start", default=None, help="endpoint checkpoint at t = 0 (TRIVIAL)")
@@ -56,10 +59,14 @@ def get_args_parser():
                         "(4.0 GB for CelebA's 40,520), on the data's device")
     p.add_argument("--align", action="store_true",
                    help="also walk the segment from the start to the end with its units permuted to "
-                        "match the start's (see align.py and the alignment flags)")
+                        "match the start's, and that segment with REPAIR (see align.py and the alignment flags)")
+    p.add_argument("--repair", action="store_true",
+                   help="also walk every segment with REPAIR: at each t, the layers no BatchNorm follows get "
+                        "the interpolation of the ends' per-channel statistics (Jordan et al. 2023)")
     add_evaluation_args(p, "also mean LPIPS (AlexNet) over the test split",
                         "training batches for BatchNorm re-estimation at each t")
-    p.add_argument("--num_images", type=positive(int), default=4, help="test images in the GIFs (4)")
+    p.add_argument("--num_images", type=positive(int), default=4,
+                   help="test images in the GIFs (4); for a VAE also as many decoded prior samples")
     p.add_argument("--seed", type=int, default=1)
     add_align_args(p)
     dataset.add_data_args(p, inherit=True)
@@ -78,9 +85,9 @@ class Paths:
 
 
 def load_paths(args):
-    if args.connect == "TRIVIAL":
+    if args.connect in ("TRIVIAL", "LAYERWISE"):
         if not (args.init_start and args.init_end):
-            raise UserError("--connect TRIVIAL needs both --init_start and --init_end")
+            raise UserError(f"--connect {args.connect} needs both --init_start and --init_end")
         (a, ack), (b, _) = checkpoints.load_endpoints([args.init_start, args.init_end])
         sources = {"init_start": args.init_start, "init_end": args.init_end}
         return Paths({PathKey("segment"): connect(a, b)}, (a, b), sources, ack.settings)
@@ -102,58 +109,90 @@ def load_paths(args):
     return Paths(paths, ends, {"ckpt": args.ckpt}, ck.settings, aligned)
 
 
+def add_derived_paths(args, loaded, session):
+    """The aligned segment (--align), the layer-wise paths (LAYERWISE) and the REPAIRed segments
+    (--repair; with --align, the aligned one always): {PathKey: path}, the alignment record."""
+    paths, alignment = dict(loaded.paths), None
+    a, b = (m.to(session.device) for m in loaded.ends)
+    if args.align:  # the end with its units matched to the start's
+        if args.connect == "CURVE":  # points of a curve carry no BatchNorm statistics of their own
+            for m in (a, b):
+                update_bn(session.train_loader.ordered(), m, num_batches=args.bn_batches)
+        b, alignment = align_to(a, b, alignment_settings(args), session.train_loader)
+        paths[PathKey("segment", aligned=True)] = connect(a, b)
+        print(f"{args.align_method} matching: ||start - end|| = {alignment['distance_before']:.4f}, "
+              f"||start - aligned end|| = {alignment['distance_after']:.4f}")
+    if args.connect == "LAYERWISE":
+        start, end = dict(a.named_parameters()), dict(b.named_parameters())
+        paths = {PathKey("segment", aligned=args.align): connect(a, b)}
+        paths.update({PathKey("layerwise", aligned=args.align, group=group): LayerwisePath(start, end, members)
+                      for group, members in layer_groups(a).items()})
+        return paths, alignment
+    for key in [k for k in paths if k.kind == "segment" and (args.repair or (args.align and k.aligned))]:
+        paths[dataclasses.replace(key, repaired=True)] = paths[key]
+    return paths, alignment
+
+
 def main(args):
     """Walk the paths; returns {"paths": {PathKey: walk result}, "files": {role: path}} (under
     torchrun: on rank 0; the other ranks return None)."""
     if args.num_points < 2:
         raise UserError(f"--num_points must be at least 2 (both ends), got {args.num_points}")
+    if args.connect == "LAYERWISE" and (args.ensemble or args.repair):
+        raise UserError("--connect LAYERWISE takes no --ensemble or --repair")
     session = open_session(args)
     device = session.device
     torch.manual_seed(args.seed)
     loaded = load_paths(args)
     session.prepare(dataset.data_settings(args, loaded.run.data), loss_settings(args, loaded.run.loss),
                     output_dir(args.dir, loaded.sources, "eval"))
-    train_loader, test_loader = session.train_loader, session.test_loader
-    paths = loaded.paths
-    alignment = None
-    if args.align:  # the segment from the start to the end with its units matched to the start's
-        a, b = (m.to(device) for m in loaded.ends)
-        if args.connect == "CURVE":  # points of a curve carry no BatchNorm statistics of their own
-            for m in (a, b):
-                update_bn(train_loader.ordered(), m, num_batches=args.bn_batches)
-        aligned, alignment = align_to(a, b, alignment_settings(args), train_loader)
-        paths[PathKey("segment", aligned=True)] = connect(a, aligned)
-        print(f"{args.align_method} matching: ||start - end|| = {alignment['distance_before']:.4f}, "
-              f"||start - aligned end|| = {alignment['distance_after']:.4f}")
-    samples = next(iter(test_loader))[:args.num_images]
-    evaluator = session.evaluator(next(iter(paths.values())).point_at(0.0), samples=samples)
+    paths, alignment = add_derived_paths(args, loaded, session)
+    samples = next(iter(session.test_loader))[:args.num_images]
+    template = loaded.ends[0]
+    repaired = [key for key in paths if key.repaired]
+    evaluator = session.evaluator(template, samples=samples,
+                                  repair_layers=layers_to_repair(template) if repaired else None,
+                                  prior=prior_samples(template, samples, args.num_images, args.seed))
+    repairs = {key: tuple(evaluator.statistics(paths[key].weights(t)) for t in (0.0, 1.0)) for key in repaired}
     ts = np.linspace(0.0, 1.0, args.num_points)
     loss_name = session.loss.loss_function
+    base = os.path.join(session.out_dir, reports.walk_name(loaded.sources, args.num_points, args.align,
+                                                           layerwise=args.connect == "LAYERWISE"))
     print(f"walking {', '.join(key.label for key in paths)} at {args.num_points} points; loss {loss_name} on "
-          f"images in [-1, 1]; BatchNorm re-estimated on {args.bn_batches or len(train_loader)} training batches per t")
+          f"images in [-1, 1]; BatchNorm re-estimated on {args.bn_batches or len(session.train_loader)} training "
+          "batches per t")
+    settings = dict(checkpoints=reports.checkpoint_records(loaded.sources, session.out_dir),
+                    data=dataclasses.asdict(session.data), loss=dataclasses.asdict(session.loss),
+                    speed=dataclasses.asdict(session.speed), evaluation=dataclasses.asdict(session.evaluation),
+                    lpips=session.lpips.source if session.lpips is not None else None, num_images=args.num_images,
+                    ensemble=args.ensemble, alignment=alignment and {k: alignment[k] for k in ("method", "seed")})
     started = time.time()
-    results = {key: walk(net.to(device), ts, evaluator, key.label,
-                         ensemble=EndEnsembles(session.loss_fns, evaluator.image_metrics) if args.ensemble else None)
-               for key, net in paths.items()}
+    results = {}
+    for key, net in paths.items():  # each path's points are kept as they are computed: a rerun continues
+        sweep = (f"{base}-{key.name}.partial.npz", {**settings, "path": key.to_dict()})
+        results[key] = walk(net.to(device) if hasattr(net, "to") else net, ts, evaluator, key.label, sweep=sweep,
+                            repair=repairs.get(key),
+                            ensemble=EndEnsembles(session.loss_fns, evaluator.image_metrics) if args.ensemble else None)
     walk_seconds, processes, main = time.time() - started, distributed.world(), distributed.is_main()
     distributed.shutdown()
     if not main:
         return None
 
     curve = next((key for key in results if key.kind == "curve"), None)
-    segment = next((key for key in results if key.kind == "segment" and key.aligned == loaded.aligned_curve), None)
+    segment = PathKey("segment", aligned=loaded.aligned_curve)
     ratio = None
-    if curve and segment and results[segment]["length"] > 0:
+    if curve and segment in results and results[segment]["length"] > 0:
         ratio = results[curve]["length"] / results[segment]["length"]
     for key, res in results.items():
         print(summary(key.label, res, ratio if key == curve else None))
 
-    base = os.path.join(session.out_dir, reports.walk_name(loaded.sources, args.num_points, args.align))
-    config = {"flags": vars(args), "data": dataclasses.asdict(session.data), "loss": dataclasses.asdict(session.loss)}
+    config = {"flags": vars(args), **settings}
     files = reports.write_walks(
         base, walks=results, samples=samples.cpu(), loss_name=loss_name, sources=loaded.sources, config=config,
-        lpips_source=session.lpips.source if session.lpips is not None else None, length_ratio=ratio,
-        alignment=alignment, extra=dict(processes=processes, walk_seconds=walk_seconds), ensemble=args.ensemble)
+        lpips_source=settings["lpips"], length_ratio=ratio, alignment=alignment,
+        extra=dict(processes=processes, walk_seconds=walk_seconds), ensemble=args.ensemble)
+    for key in results:  # the report holds everything now
+        os.remove(f"{base}-{key.name}.partial.npz")
     print("outputs:\n  " + "\n  ".join(files.values()))
     return {"paths": results, "files": files}
 

@@ -14,7 +14,7 @@ from aemc.cli import ArgParser, positive, run_cli
 from aemc.errors import UserError
 from aemc.evaluation import update_bn
 from aemc.files import file_digest
-from utils import add_device_arg, resolve_device
+from utils import add_arch_arg, add_device_arg, allow_architecture, resolve_device
 
 
 def get_args_parser():
@@ -23,6 +23,7 @@ def get_args_parser():
     p.add_argument("--t", type=float, required=True, help="curve parameter in [0, 1]")
     p.add_argument("--out", required=True, help="autoencoder checkpoint to write")
     add_device_arg(p)
+    add_arch_arg(p)
     p.add_argument("--bn_batches", type=positive(int), default=None,
                    help="training batches for BatchNorm re-estimation (default: all)")
     dataset.add_data_args(p, inherit=True)
@@ -33,6 +34,7 @@ def main(args):
     if not 0 <= args.t <= 1:
         raise UserError(f"--t must be in [0, 1], got {args.t}")
     distributed.refuse_several("extract_point.py")
+    allow_architecture(args)
     device = resolve_device(args.device)
     ck = checkpoints.load(args.ckpt, kind="curve", flag="--ckpt")
     train_loader, _ = dataset.build_loaders(dataset.data_settings(args, ck.settings.data), device)

@@ -26,6 +26,7 @@ from aemc.losses import build_loss, build_lpips, evaluation_losses
 from aemc.settings import Cycle, Run, Training
 from utils import (
     add_evaluation_args,
+    allow_architecture,
     evaluation_settings,
     resolve_device,
     speed_settings,
@@ -67,6 +68,7 @@ def main(args):
     if not snapshots_at:
         raise UserError(f"--epochs {args.epochs} ends before the first mid-cycle ({args.cycle // 2}): no snapshot")
     distributed.refuse_several("fge.py")
+    allow_architecture(args)
     device = resolve_device(args.device)
     resume = checkpoints.load(args.resume, kind="autoencoder", flag="--resume") if args.resume else None
     if resume and not resume.is_training_state:

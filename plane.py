@@ -19,10 +19,12 @@ import torch
 
 import dataset
 from aemc import checkpoints, distributed, reports, resumable
+from aemc.barriers import barriers, higher_is_better
 from aemc.cli import ArgParser, positive, run_cli
 from aemc.errors import UserError
 from aemc.files import file_digest, output_stem
 from aemc.geometry import DegeneratePlane, Plane, names_and_shapes, vector
+from aemc.repair import interpolate, layers_to_repair
 from aemc.settings import Run
 from utils import (
     add_evaluation_args,
@@ -52,6 +54,9 @@ def get_args_parser():
                        help=f"grid extends M dx (or dy) beyond the points on the {side} (0.2)")
     p.add_argument("--curve_points", type=positive(int), default=61, help="points of the projected curve (61)")
     add_evaluation_args(p, "also mean LPIPS (AlexNet) over the test split")
+    p.add_argument("--repair", action="store_true",
+                   help="REPAIR at every grid point: the layers no BatchNorm follows get the statistics of the three "
+                        "corners weighted by the point's position (on the segment: Jordan et al.'s interpolation)")
     dataset.add_data_args(p, inherit=True)
     return p
 
@@ -105,7 +110,8 @@ def settings(args, session, sources):
                 loss=session.loss.loss_function, device=session.device.type,
                 data_path=os.path.abspath(data.data_path) if data.dataset != "synthetic" else None,
                 lpips=session.lpips.source if session.lpips is not None else None,
-                checkpoints={k: file_digest(p) for k, p in sources.items()})
+                checkpoints={k: file_digest(p) for k, p in sources.items()},
+                **({"repair": True} if args.repair else {}))  # absent otherwise: earlier planes still resume
 
 
 def main(args):
@@ -140,29 +146,59 @@ def main(args):
           + (f"; the curve leaves the plane by up to {geometry['curve_distance_from_plane'].max():.4g}"
              if curve is not None and curve.num_bends > 3 else ""))
 
-    evaluator = session.evaluator(points.template)
+    evaluator = session.evaluator(points.template,
+                                  repair_layers=layers_to_repair(points.template) if args.repair else None)
     layout = names_and_shapes(points.template)
+    corners = [evaluator.statistics(c) for c in points.corners] if args.repair else None
+
+    def evaluate(xy):  # with --repair: the corners' statistics, weighted by the point's position
+        theta = plane.weights(*xy, layout, device)
+        return evaluator(theta, repair_targets=interpolate(corners, plane.barycentric(*xy)) if corners else None)
     loss_name = session.loss.loss_function
     print(f"{G} x {G} grid points; loss {loss_name} on images in [-1, 1]; BatchNorm re-estimated on "
-          f"{args.bn_batches or len(session.train_loader)} training batches per point")
+          f"{args.bn_batches or len(session.train_loader)} training batches per point"
+          + ("; REPAIR at every point" if args.repair else ""))
     started = time.time()
     grid = [(x, y) for x in xs for y in ys]  # row i: x = xs[i]; column j: y = ys[j]
-    metrics, _ = resumable.run(base + ".npz", settings(args, session, points.sources), grid,
-                               lambda xy: evaluator(plane.weights(*xy, layout, device)), shape=(G, G),
+    metrics, _ = resumable.run(base + ".npz", settings(args, session, points.sources), grid, evaluate, shape=(G, G),
                                extra=geometry, desc="plane")
     main = distributed.is_main()
     distributed.shutdown()
     if not main:
         return None
+    along = path_barriers(geometry, metrics, curve is not None)
+    for path, by_metric in along.items():
+        b = by_metric["test_loss"]
+        print(f"  along the {path} (from the grid): test loss barrier_mean_ends {b['barrier_mean_ends']:.5f}, "
+              f"barrier_line {b['barrier_line']:.5f}")
     files = reports.write_plane(base, geometry=geometry, metrics=metrics, loss_name=loss_name, sources=points.sources,
                                 config={"flags": vars(args)}, has_curve=curve is not None, labels=labels,
-                                lpips_source=session.lpips.source if session.lpips is not None else None)
+                                lpips_source=session.lpips.source if session.lpips is not None else None,
+                                extra={"path_barriers": along})
     for key, values in metrics.items():
         finite = values[np.isfinite(values)]
         print(f"  {key:12s} min {finite.min():.5f}  max {finite.max():.5f}"
               + (f"  ({values.size - finite.size} diverged points)" if finite.size < values.size else ""))
     print(f"{time.time() - started:.1f}s; outputs:\n  " + "\n  ".join(files.values()))
     return {"metrics": metrics, "geometry": geometry, "files": files}
+
+
+def path_barriers(geometry, metrics, has_curve):
+    """The named barriers of every metric along the segment (y = 0) and the projected curve, read
+    off the grid by bilinear interpolation (an estimate: eval_curve.py measures the paths
+    themselves); {path: {metric: {name: value}}}."""
+    from scipy.interpolate import RegularGridInterpolator
+    ts = geometry["curve_ts"] if has_curve else np.linspace(0, 1, 61)
+    tracks = {"segment": np.stack([ts * geometry["dx"], np.zeros_like(ts)], 1)}
+    if has_curve:
+        tracks["curve"] = geometry["curve_coordinates"]
+    out = {}
+    for path, coordinates in tracks.items():
+        out[path] = {}
+        for key, values in metrics.items():
+            along = RegularGridInterpolator((geometry["xs"], geometry["ys"]), values, bounds_error=False)(coordinates)
+            out[path][key] = barriers(ts, along, higher_is_better(key))
+    return out
 
 
 if __name__ == "__main__":

@@ -20,11 +20,11 @@ import subprocess
 import sys
 import time
 
-from aemc import distributed, figures, studies
+from aemc import architectures, distributed, studies, study_tables
 from aemc.cli import ArgParser, positive, run_cli
 from aemc.errors import Interrupted, UserError
 from aemc.losses import LOSSES
-from models.autoencoder import INITS
+from models.autoencoder import INITS, NORMS
 from models.curves import curve_name
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -42,13 +42,30 @@ def names(allowed, what):
     return parse
 
 
+def numbers(kind):
+    def parse(text):
+        try:
+            return tuple(kind(n) for n in text.split(",") if n.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}")
+    parse.__name__ = "numbers"
+    return parse
+
+
 def get_args_parser():
     p = ArgParser("study.py", description=__doc__.split("\n")[0])
     p.add_argument("--dir", required=True, help="the study's folder (stages, study.json, results)")
     p.add_argument("--preset", choices=tuple(studies.PRESETS), required=True,
-                   help="tiny (CPU, minutes), small (the demo's size), paper (the original's, CelebA, a GPU)")
-    p.add_argument("--losses", type=names(LOSSES, "loss"), default=list(LOSSES), help="(mae,laplacian)")
-    p.add_argument("--inits", type=names(INITS, "init"), default=list(INITS), help=f"({','.join(INITS)})")
+                   help="tiny (CPU, minutes), small (the demo's size), paper (the original's, CelebA, a GPU): the "
+                        "init x loss grid; width: barriers against width; instability: the barrier between copies "
+                        "spawned at epoch K against K")
+    p.add_argument("--widths", type=numbers(int), default=None, help="width preset: the base widths (8,16,32,64)")
+    p.add_argument("--spawn_epochs", type=numbers(int), default=None,
+                   help="instability preset: the epochs to spawn copies at (0,1,2,4,6)")
+    p.add_argument("--losses", type=names(LOSSES, "loss"), default=None,
+                   help="(mae,laplacian; width, instability: mae)")
+    p.add_argument("--inits", type=names(INITS, "init"), default=None,
+                   help=f"({','.join(INITS)}; width, instability: normal)")
     p.add_argument("--curve", type=curve_name, default="Bezier")
     p.add_argument("--num_bends", type=positive(int), default=3)
     p.add_argument("--plane", action="store_true", help="also the loss plane of every curve")
@@ -60,8 +77,12 @@ def get_args_parser():
     for name, kind in (("epochs", positive(int)), ("curve_epochs", positive(int)), ("num_points", positive(int)),
                        ("grid_points", positive(int)), ("max_images", positive(int)), ("batch_size", positive(int)),
                        ("in_filters", positive(int)), ("latent_dim", positive(int)), ("lr", positive(float)),
-                       ("num_workers", int), ("dataset", str), ("data_path", str), ("device", str)):
+                       ("num_workers", int), ("dataset", str), ("data_path", str), ("device", str),
+                       ("image_size", positive(int)), ("channels", int), ("beta", float)):
         g.add_argument(f"--{name}", type=kind, default=None)
+    g.add_argument("--arch", default=None, help="the model (train.py --arch; default conv, the original's)")
+    g.add_argument("--arch_kwargs", default=None, help="its arguments as a JSON object (train.py --arch_kwargs)")
+    g.add_argument("--norm", choices=NORMS, default=None)
     g.add_argument("--amp", choices=("none", "bf16", "fp16"), default=None)
     for name in ("channels_last", "compile", "no_gpu_data"):
         g.add_argument(f"--{name}", action="store_true")
@@ -70,17 +91,19 @@ def get_args_parser():
 
 def settings_from(args):
     """The preset's StudySettings, with every flag given on the command line in place of its value."""
-    if len(args.inits) < 2:
-        raise UserError("--inits needs at least two init schemes: a curve joins two of them")
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(studies.StudySettings)
                  if getattr(args, f.name, None) is not None}
-    overrides.update(losses=tuple(args.losses), inits=tuple(args.inits))
-    return dataclasses.replace(studies.PRESETS[args.preset], **overrides)
+    overrides.update({k: tuple(v) for k, v in overrides.items() if isinstance(v, list)})
+    settings = dataclasses.replace(studies.PRESETS[args.preset], **overrides)
+    if settings.kind == "grid" and len(settings.inits) < 2:
+        raise UserError("--inits needs at least two init schemes: a curve joins two of them")
+    return settings
 
 
 def main(args):
     distributed.refuse_several("study.py")
     settings = settings_from(args)
+    architectures.allow(settings.arch)
     stages = studies.plan(args.dir, settings)
     if args.print_commands:
         for stage in stages:
@@ -105,10 +128,9 @@ def main(args):
             raise UserError(f"stage '{stage.name}' failed (exit {code}; its message is above); finished stages "
                             "are kept: fix the cause and rerun the same command")
         state.finished(stage)
-    rows = studies.results(args.dir, settings)
-    files = studies.write_tables(args.dir, rows)
-    files["grid"] = os.path.join(args.dir, "loss_grid.png")
-    figures.plot_loss_grid(rows, files["grid"])
+    rows = study_tables.results(args.dir, settings)
+    files = study_tables.write_tables(args.dir, rows)
+    files["figure"] = study_tables.write_figure(args.dir, settings, rows)
     print(open(files["md"]).read())
     print(f"study done in {time.time() - started:.0f}s: " + ", ".join(files.values()))
     return {"stages": stages, "rows": rows, "files": files}

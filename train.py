@@ -18,19 +18,18 @@ import argparse
 import os
 from dataclasses import asdict
 
-import torch
-
 import dataset
 import trainer
-from aemc import checkpoints, distributed, speed
+from aemc import architectures, checkpoints, distributed, speed
 from aemc.alignment import align_to
-from aemc.cli import ArgParser, positive, run_cli
+from aemc.cli import ArgParser, json_object, positive, run_cli
 from aemc.errors import UserError, warn
 from aemc.evaluation import evaluate, update_bn
 from aemc.files import RunDir
 from aemc.losses import LOSSES, build_loss
 from aemc.settings import Architecture, Loss, Optimizer, Run, Training
-from models.autoencoder import ARCH_DEFAULTS, INIT_DEFAULT, INITS
+from models import ARCHITECTURES
+from models.autoencoder import INITS, NORMS
 from models.curves import T_SAMPLING, TSampler, connect, curve_name
 from utils import add_align_args, add_device_arg, add_speed_args, alignment_settings, resolve_device, speed_settings
 
@@ -46,6 +45,8 @@ def get_args_parser():
     g.add_argument("--save_freq", type=positive(int), default=Training.save_freq, help="checkpoint every N epochs")
     g.add_argument("--save_final", action=argparse.BooleanOptionalAction, default=Training.save_final,
                    help="write checkpoint-<epochs>.pt at the end (default: on)")
+    g.add_argument("--save_init", action="store_true",
+                   help="also write checkpoint-0.pt, the state before the first step (spawn.py starts from it)")
     g.add_argument("--verbose", action="store_true", help="print the model and the configuration")
     g.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard (if installed)")
     g = dataset.add_data_args(p)
@@ -53,10 +54,19 @@ def get_args_parser():
     g = p.add_argument_group("model and loss (default: from the checkpoint, else the original's)")
     g.add_argument("--loss_function", choices=LOSSES, default=None, help="mae (default) or laplacian")
     g.add_argument("--num_filters", type=positive(int), default=None, help="Laplacian pyramid levels (5)")
-    g.add_argument("--in_channels", type=positive(int), default=None, help="image channels (3)")
-    g.add_argument("--in_filters", type=positive(int), default=None, help="base width f (64)")
-    g.add_argument("--latent_dim", type=positive(int), default=None, help="embedding size (128)")
-    g.add_argument("--conv_init", choices=INITS, default=INIT_DEFAULT)
+    g.add_argument("--arch", default=None, metavar="NAME",
+                   help=f"the model: {', '.join(ARCHITECTURES)} (default: conv, the original's), or a factory of your "
+                        "own, package.module:function (docs/architectures.md)")
+    g.add_argument("--arch_kwargs", type=json_object, default=None, metavar="JSON",
+                   help="more arguments of the model's factory, as a JSON object: '{\"width\": 32}'")
+    g.add_argument("--in_channels", type=positive(int), default=None, help="image channels (from the data)")
+    g.add_argument("--in_filters", type=positive(int), default=None, help="base width f (conv: 64)")
+    g.add_argument("--latent_dim", type=positive(int), default=None, help="embedding size (conv: 128)")
+    g.add_argument("--norm", choices=NORMS, default=None,
+                   help="normalisation of the convolutional models: batch (default), group, layer or none")
+    g.add_argument("--conv_init", choices=INITS, default=None, help="init of convolutions (conv: normal)")
+    g.add_argument("--beta", type=float, default=None,
+                   help="a VAE's loss is reconstruction + beta * KL (1); KL per pixel value, see docs")
     g = p.add_argument_group("optimizer")
     g.add_argument("--optim_name", choices=("Adam", "SGD"), default=Optimizer.optim_name)
     g.add_argument("--lr", type=positive(float), default=Optimizer.lr, help="initial learning rate")
@@ -95,11 +105,12 @@ def run_settings(args, resume):
     checkpoint's, and a loss flag that contradicts it is an error."""
     saved = resume.settings if resume else None
     if saved is not None:
-        checkpoints.check_config({"loss_function": args.loss_function, "num_filters": args.num_filters},
-                                 asdict(saved.loss), "the checkpoint")
+        checkpoints.check_config({"loss_function": args.loss_function, "num_filters": args.num_filters,
+                                  "beta": args.beta}, asdict(saved.loss), "the checkpoint")
     inherited = saved.loss if saved else Loss()
     loss = Loss(loss_function=args.loss_function or inherited.loss_function,
-                num_filters=args.num_filters or inherited.num_filters)
+                num_filters=args.num_filters or inherited.num_filters,
+                beta=args.beta if args.beta is not None else inherited.beta)
     training = Training(epochs=args.epochs, seed=args.seed, noise_std=args.noise_std, save_freq=args.save_freq,
                         save_final=args.save_final, midpoint_bn_batches=args.midpoint_bn_batches,
                         t_sampling=args.t_sampling or (saved.training.t_sampling if saved else Training.t_sampling),
@@ -119,25 +130,35 @@ def run_settings(args, resume):
     return run
 
 
-def architecture(args, saved=None):
-    """The autoencoder's architecture: the size flags given, else `saved`'s (checked against it),
-    else the original's; the init scheme is `saved`'s, else --conv_init."""
-    given = {k: getattr(args, k) for k in ARCH_DEFAULTS}
+ARCH_FLAGS = ("in_channels", "in_filters", "latent_dim", "norm", "conv_init")  # flags that are factory arguments
+
+
+def architecture(args, saved, data_shape):
+    """The model's architecture: `saved`'s (a resumed run's, the endpoints' of a curve), checked
+    against the flags given; else --arch with its --arch_kwargs and the size flags given, the
+    data's channels and image size, and the factory's defaults for the rest."""
+    flags = {k: getattr(args, k) for k in ARCH_FLAGS if getattr(args, k) is not None}
     if saved is not None:
-        checkpoints.check_config(given, saved.kwargs, "the checkpoint")
-    kwargs = {k: given[k] if given[k] is not None else (saved.kwargs if saved else ARCH_DEFAULTS)[k]
-              for k in ARCH_DEFAULTS}
-    if kwargs["in_channels"] != 3:
-        raise UserError(f"--in_channels {kwargs['in_channels']}: the images are RGB (3 channels)")
-    return Architecture("conv", {**kwargs, "conv_init": saved.kwargs["conv_init"] if saved else args.conv_init})
+        if args.arch is not None and args.arch != saved.name:
+            raise UserError(f"--arch {args.arch}: the checkpoint holds a {saved.name} model")
+        checkpoints.check_config({k: v for k, v in flags.items() if k != "conv_init"}, saved.kwargs, "the checkpoint")
+        return saved
+    name = args.arch or "conv"
+    kwargs = dict(args.arch_kwargs or {})
+    takes = architectures.accepted(name)
+    for key, value in flags.items():
+        if key not in takes:
+            raise UserError(f"--{key}: the {name} architecture takes no {key} (its arguments: {', '.join(takes)})")
+        kwargs[key] = value
+    return architectures.resolve(name, kwargs, data_shape)
 
 
-def build_endpoint(args, resume):
-    arch = architecture(args, resume.architecture if resume else None)
-    return checkpoints.build_architecture(arch), arch, None
+def build_endpoint(args, resume, data_shape):
+    arch = architecture(args, resume.architecture if resume else None, data_shape)
+    return architectures.build(arch), arch, None
 
 
-def build_curve(args, resume, train_loader):
+def build_curve(args, resume, train_loader, data_shape):
     """A CurveNet between the endpoint checkpoints (or, on --resume, as the checkpoint says); with
     --align, its end is the --init_end endpoint with its units matched to the start's."""
     if resume:
@@ -146,8 +167,8 @@ def build_curve(args, resume, train_loader):
         if args.align and not cfg.get("alignment"):
             raise UserError(f"--resume {args.resume}: that curve was trained without --align; drop --align")
         checkpoints.verify_endpoints(cfg, strict=False)
-        arch = architecture(args, resume.architecture)
-        base = checkpoints.build_architecture(arch)
+        arch = architecture(args, resume.architecture, data_shape)
+        base = architectures.build(arch)
         return connect(None, None, cfg["curve"], cfg["num_bends"], cfg["fix_start"], cfg["fix_end"],
                        init_linear=False, template=base), arch, cfg
     given = {flag: path for flag, path in (("--init_start", args.init_start), ("--init_end", args.init_end)) if path}
@@ -156,12 +177,13 @@ def build_curve(args, resume, train_loader):
         checkpoints.check_same_architecture(list(saved.values()), list(given.values()))
     else:
         warn("warning: without --init_start and --init_end the ends of the curve start from the "
-             f"--conv_init {args.conv_init} initialisation")
+             "architecture's initialisation")
     first = next(iter(saved.values())).architecture if saved else None
-    arch = architecture(args, first)
-    if first is not None:  # the fresh interior bends start from the --conv_init scheme
-        arch = Architecture(arch.name, {**arch.kwargs, "conv_init": args.conv_init})
-    base = checkpoints.build_architecture(arch)  # the first draw after seeding
+    arch = architecture(args, first, data_shape)
+    if first is not None and "conv_init" in arch.kwargs:  # fresh interior bends: --conv_init, else the default
+        init = args.conv_init or architectures.accepted(arch.name)["conv_init"]
+        arch = Architecture(arch.name, {**arch.kwargs, "conv_init": init})
+    base = architectures.build(arch)  # the first draw after seeding
     ends = {flag: checkpoints.build_model(ck) for flag, ck in saved.items()}
     alignment = None
     if args.align:
@@ -198,6 +220,7 @@ def open_tensorboard(args):
 
 
 def main(args):
+    architectures.allow(args.arch)  # a factory of the user's own, named on this command line
     device = distributed.setup(resolve_device(args.device))
     several = distributed.world() > 1
     resume = checkpoints.load(args.resume, flag="--resume") if args.resume else None
@@ -221,8 +244,9 @@ def main(args):
     trainer.seed_everything(args.seed + 1_000_003 * distributed.rank())  # noise and dropout differ between processes
     train_loader, test_loader = dataset.build_loaders(settings.data, device, seed=args.seed, speed=settings.speed,
                                                       shard=True)
-    model, arch, curve_config = (build_curve(args, resume, train_loader) if is_curve
-                                 else build_endpoint(args, resume))
+    data_shape = tuple(train_loader.images.shape[1:])
+    model, arch, curve_config = (build_curve(args, resume, train_loader, data_shape) if is_curve
+                                 else build_endpoint(args, resume, data_shape))
     t_sampler = None
     if is_curve and several:
         model.t_sampler = t_sampler = TSampler(settings.training.t_sampling, args.seed, distributed.rank(),
@@ -230,7 +254,7 @@ def main(args):
     if resume:
         model.load_state_dict(resume.state_dict)
     if args.sync_bn:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = speed.sync_batchnorm(model)
     model.to(device)
     runner = speed.prepare_model(model, settings.speed, data_parallel=several)  # channels_last / DDP / compile
     scaler = speed.make_scaler(device, settings.speed.amp)
@@ -255,6 +279,10 @@ def main(args):
               + (f", batch {position['batches']}" if position else ""))
     if epoch >= args.epochs:
         raise UserError(f"the checkpoint has already completed {epoch} epochs; raise --epochs")
+    if args.save_init and not resume:
+        init = state.checkpoint(0)  # every process gathers its random state
+        if run is not None:
+            checkpoints.save(run.file("checkpoint-0.pt"), init)
 
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     what = (f"{curve_config['curve']} curve, {curve_config['num_bends']} bends: " if is_curve else "")
@@ -280,6 +308,7 @@ def main(args):
                 evaluate=evaluate_epoch,
                 lr_at=lambda epoch, fraction: trainer.learning_rate(args.lr, epoch, args.epochs),
                 start_epoch=epoch, position=position, noise_std=args.noise_std, curve_wd=curve_wd,
+                beta=settings.loss.beta,
                 amp=settings.speed.amp, scaler=scaler, save_freq=args.save_freq, save_final=args.save_final,
                 writer=writer)
     if writer is not None:

@@ -1,6 +1,7 @@
 """Training: the epoch loop of a run (resumable, interruptible), one epoch, the optimizer, the
 learning-rate schedules, and what a training run saves and restores (`TrainingState`)."""
 import contextlib
+import copy
 import math
 import os
 import random
@@ -14,6 +15,7 @@ from tqdm import tqdm
 
 from aemc import checkpoints, distributed, figures
 from aemc.errors import Interrupted, UserError
+from aemc.losses import kl_divergence, reconstruction, split_output
 from aemc.speed import accumulator_dtype, autocast
 
 FINITE_CHECK_EVERY = 20  # batches between host syncs (non-finite check, progress bar update)
@@ -69,9 +71,11 @@ def make_optimizer(optim, params, weight_decay, device):
 
 def load_optimizer_state(optimizer, state):
     """Load a saved optimizer state but keep this run's implementation (fused or not): a state
-    saved on a GPU resumes on the CPU and back."""
+    saved on a GPU resumes on the CPU and back. The state is copied: torch's loading keeps the
+    saved tensors where it can, and the steps would change them in place (two runs from one
+    loaded checkpoint would share their moments)."""
     implementation = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in optimizer.param_groups]
-    optimizer.load_state_dict(state)
+    optimizer.load_state_dict(copy.deepcopy(state))
     for group, keep in zip(optimizer.param_groups, implementation):
         group.update(keep)
 
@@ -88,12 +92,14 @@ def unwrap(module):
     return module
 
 
-def train_one_epoch(model, loader, optimizer, loss_fn, *, noise_std=0.0, curve_wd=0.0, amp="none",
+def train_one_epoch(model, loader, optimizer, loss_fn, *, noise_std=0.0, curve_wd=0.0, beta=1.0, amp="none",
                     scaler=None, start=0, sums=None, stop=None, lr_at=None, desc="train", verbose=True):
     """One pass over `loader` (denoising: input + N(0, noise_std^2), loss against the clean image).
 
     For a curve (`curve_wd` > 0) the loss adds 0.5 * curve_wd * ||theta(t)||^2 of the point the
-    forward pass sampled (`model.sq_norm`). Losses are accumulated on the device; the host syncs
+    forward pass sampled (`model.sq_norm`). A VAE-like model (its output: reconstruction, mean,
+    log-variance) adds beta * KL (aemc.losses.kl_divergence), accumulated with the regulariser's
+    sums (`reg_sum`) when there is no curve term. Losses are accumulated on the device; the host syncs
     only every FINITE_CHECK_EVERY batches, to check they are finite and update the bar.
     `start`/`sums` continue a partly done epoch; when `stop.requested` turns true the epoch ends
     early. `amp` runs the forward pass in mixed precision (the loss is computed in float32);
@@ -132,9 +138,14 @@ def train_one_epoch(model, loader, optimizer, loss_fn, *, noise_std=0.0, curve_w
             set_learning_rate(optimizer, lr_at(done / len(loader)))
         noisy = x + noise_std * torch.randn_like(x) if noise_std > 0 else x
         with autocast(device, amp):
-            out = model(noisy)
+            out, posterior = split_output(model(noisy))
         loss = loss_fn(out.float(), x)
         total = loss
+        if posterior is not None:
+            kl = kl_divergence(*(v.float() for v in posterior), x[0].numel()).mean()
+            total = total + beta * kl
+            if curve_wd == 0:
+                totals[1] += kl.detach() * len(x)
         if curve_wd > 0:
             reg = 0.5 * curve_wd * inner.sq_norm
             total = loss + reg
@@ -165,7 +176,7 @@ def train_one_epoch(model, loader, optimizer, loss_fn, *, noise_std=0.0, curve_w
 
 
 def fit(*, model, runner, optimizer, loss_fn, train_loader, test_loader, run, epochs, lr_at, checkpoint,
-        evaluate, start_epoch=0, position=None, noise_std=0.0, curve_wd=0.0, amp="none", scaler=None,
+        evaluate, start_epoch=0, position=None, noise_std=0.0, curve_wd=0.0, beta=1.0, amp="none", scaler=None,
         save_freq=1, save_final=True, writer=None, on_epoch_end=None):
     """Train from `start_epoch` (and a mid-epoch `position`) to `epochs`, as every training script does.
 
@@ -189,8 +200,8 @@ def fit(*, model, runner, optimizer, loss_fn, train_loader, test_loader, run, ep
             train_loader.set_epoch(epoch)
             try:
                 sums = train_one_epoch(
-                    runner, train_loader, optimizer, loss_fn, noise_std=noise_std, curve_wd=curve_wd, amp=amp,
-                    scaler=scaler, start=position["batches"] if position else 0, sums=position, stop=stop,
+                    runner, train_loader, optimizer, loss_fn, noise_std=noise_std, curve_wd=curve_wd, beta=beta,
+                    amp=amp, scaler=scaler, start=position["batches"] if position else 0, sums=position, stop=stop,
                     lr_at=lambda fraction: lr_at(epoch, fraction), desc=f"epoch {epoch + 1}/{epochs}",
                     verbose=main)
             except NonFiniteLoss as e:
@@ -227,8 +238,10 @@ def _report(run, writer, epoch, epochs, lr, sums, curve_wd, evaluate, sample, st
     record = dict(epoch=epoch, lr=lr, train_loss=train_loss, test_loss=test_loss, **extra)
     if curve_wd > 0:
         record["reg"] = sums["reg_sum"] / sums["count"]
+    elif sums["reg_sum"] > 0:  # a VAE: its KL term (per pixel value), the loss being reconstruction + beta * KL
+        record["kl"] = sums["reg_sum"] / sums["count"]
     record["time"] = round(time.time() - started, 2)
-    reg = f"  reg {record['reg']:.5f}" if "reg" in record else ""
+    reg = f"  reg {record['reg']:.5f}" if "reg" in record else f"  kl {record['kl']:.5f}" if "kl" in record else ""
     at = f"@{extra['test_loss_at']}" if "test_loss_at" in extra else ""
     print(f"epoch {epoch:4d}/{epochs}  lr {lr:.2e}  train {train_loss:.5f}{reg}  "
           f"test{at} {test_loss:.5f}  {record['time']:.1f}s", flush=True)
@@ -238,7 +251,7 @@ def _report(run, writer, epoch, epochs, lr, sums, curve_wd, evaluate, sample, st
             writer.add_scalar(k, record[k], epoch)
     evaluated.eval()
     with torch.no_grad():
-        recon = evaluated(sample)
+        recon = reconstruction(evaluated(sample))
     os.makedirs(run.file("recon"), exist_ok=True)
     figures.save_rows([sample, recon], run.file(f"recon/epoch-{epoch:03d}.png"))
 

@@ -4,6 +4,7 @@ import os
 
 import torch
 
+from aemc import architectures
 from aemc.cli import positive
 from aemc.errors import UserError
 from aemc.evaluation import Session
@@ -79,10 +80,22 @@ def loss_settings(args, inherited):
     return Loss(**{**vars(inherited), **given(args, Loss)})
 
 
+def add_arch_arg(parser):
+    """--arch of the scripts that read checkpoints: naming a model factory of the user's own
+    allows importing it (a checkpoint never imports code by itself)."""
+    parser.add_argument("--arch", default=None, metavar="PACKAGE.MODULE:FACTORY",
+                        help="the factory of a model of your own that built the checkpoints: naming it here lets "
+                             "it be imported (built-in architectures need nothing)")
+
+
+def allow_architecture(args):
+    architectures.allow(args.arch)
+
+
 def add_evaluation_args(parser, lpips_help, bn_help="training batches for BatchNorm re-estimation at each point",
                         loss=True):
     """The flags of every evaluation script: LPIPS, BatchNorm batches, the loss (unless `loss` is
-    off), the device and the speed options."""
+    off), the device, the speed options and --arch."""
     parser.add_argument("--lpips", action="store_true", help=lpips_help)
     parser.add_argument("--lpips_weights", default=None, help="AlexNet weights file for LPIPS (see docs/usage.md)")
     parser.add_argument("--bn_batches", type=positive(int), default=None, help=f"{bn_help} (default: all)")
@@ -90,6 +103,7 @@ def add_evaluation_args(parser, lpips_help, bn_help="training batches for BatchN
         add_loss_args(parser)
     add_device_arg(parser)
     add_speed_args(parser)
+    add_arch_arg(parser)
 
 
 def evaluation_settings(args):
@@ -98,6 +112,7 @@ def evaluation_settings(args):
 
 def open_session(args):
     """The evaluation Session of an evaluation script's flags (see aemc.evaluation.Session)."""
+    allow_architecture(args)
     return Session(resolve_device(args.device), speed_settings(args), evaluation_settings(args))
 
 

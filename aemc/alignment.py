@@ -18,7 +18,8 @@ import copy
 import numpy as np
 import torch
 
-from models.symmetry import apply_permutation, identity, permutation_spec
+from aemc.architectures import permutation_spec
+from models.symmetry import apply_permutation, expand, identity
 
 MAX_SWEEPS = 100
 
@@ -33,11 +34,22 @@ def objective(spec, params_a, params_b, perms, signs):
     return float(sum((params_a[k] * permuted[k]).sum() for k in params_a))
 
 
-def _assignment(score):
-    """The column assigned to each row maximising the total score (a permutation as a tensor)."""
+def _assignment(score, groups=1):
+    """The column assigned to each row maximising the total score (a permutation as a tensor).
+    With `groups` (a GroupNorm's), rows and columns come in that many consecutive groups and a
+    row may only take a column of the group its group is assigned: the best assignment within
+    every pair of groups, then the best assignment of groups to groups."""
     from scipy.optimize import linear_sum_assignment  # a second to import: only when aligning
-    rows, cols = linear_sum_assignment(score.numpy(), maximize=True)
-    return torch.as_tensor(cols)[torch.as_tensor(rows).argsort()]
+    if groups == 1:
+        rows, cols = linear_sum_assignment(score.numpy(), maximize=True)
+        return torch.as_tensor(cols)[torch.as_tensor(rows).argsort()]
+    k = len(score) // groups
+    blocks = score.reshape(groups, k, groups, k).permute(0, 2, 1, 3)
+    within = [[_assignment(blocks[a, b]) for b in range(groups)] for a in range(groups)]
+    totals = torch.tensor([[float(blocks[a, b][torch.arange(k), within[a][b]].sum()) for b in range(groups)]
+                           for a in range(groups)])
+    to = _assignment(totals)
+    return torch.cat([to[a] * k + within[a][int(to[a])] for a in range(groups)])
 
 
 def weight_matching(spec, params_a, params_b, restarts=1, seed=0, use_signs=True):
@@ -92,7 +104,7 @@ class _Matching:
         cost = torch.empty_like(current)  # [i, j] = <A_i, unit j of B, other perms applied>
         cost[:, perm] = current * sign.float()
         signed = self.use_signs and p in self.spec.signed
-        new = _assignment(cost.abs() if signed else cost)
+        new = _assignment(cost.abs() if signed else cost, self.spec.groups.get(p, 1))
         new_sign = torch.where(cost[torch.arange(n), new] < 0, -1.0, 1.0).double() if signed else sign
         inverse = perm.argsort()
         source = inverse[new]                # row of pi(B) that becomes row i
@@ -109,7 +121,9 @@ class _Matching:
         for name, axis in axes:
             shape = [1] * self.b[name].dim()
             shape[axis] = -1
-            moved_b = self.b[name].index_select(axis, source) * factor.view(shape)
+            block = self.spec.blocks.get((name, axis), 1)
+            moved_b = self.b[name].index_select(axis, expand(source, block)) \
+                * factor.repeat_interleave(block).view(shape)
             self.b[name], self.b32[name] = moved_b, moved_b.float()
         self.perms[p] = new
         if p in self.signs:
@@ -127,9 +141,11 @@ def activation_matching(spec, model_a, model_b, batches, use_signs=True):
     inputs = {}
 
     def hook(key, which):
-        def record(module, args):
+        units = spec.sizes[consumers[key]]
+
+        def record(module, args):  # (N, C, ...) or a flattened (N, C * k): per unit, every image and position
             x = args[0].detach().double()
-            inputs[(key, which)] = x.movedim(1, 0).reshape(x.shape[1], -1)
+            inputs[(key, which)] = x.reshape(x.shape[0], units, -1).movedim(1, 0).reshape(units, -1)
         return record
     handles = [m.get_submodule(name).register_forward_pre_hook(hook(name, which))
                for which, m in (("a", model_a), ("b", model_b)) for name in consumers]
@@ -152,7 +168,7 @@ def activation_matching(spec, model_a, model_b, batches, use_signs=True):
         std = torch.outer(std_a, std_b)
         corr = cov / (std + 1e-12)
         signed = use_signs and p in spec.signed
-        perms[p] = _assignment(corr.abs() if signed else corr)
+        perms[p] = _assignment(corr.abs() if signed else corr, spec.groups.get(p, 1))
         if signed:
             signs[p] = torch.where(corr[torch.arange(len(corr)), perms[p]] < 0, -1.0, 1.0)
     return perms, signs

@@ -18,8 +18,7 @@ from typing import Optional
 
 import torch
 
-import models
-from aemc import distributed
+from aemc import architectures, distributed
 from aemc.errors import UserError, warn
 from aemc.files import atomic_write, file_digest
 from aemc.settings import FORMAT, FORMATS, Architecture, Run
@@ -100,17 +99,10 @@ def _a(noun):
     return f"{'an' if str(noun)[:1] in 'aeiou' else 'a'} {noun}"
 
 
-def build_architecture(architecture):
-    """A freshly initialised module of `architecture`."""
-    try:
-        return models.build(architecture.name, architecture.kwargs)
-    except (ValueError, TypeError) as e:
-        raise UserError(f"cannot build the architecture {architecture.name} {architecture.kwargs}: {e}")
-
-
 def build_model(checkpoint):
-    """Rebuild the saved autoencoder or CurveNet from a checkpoint alone, weights loaded."""
-    model = build_architecture(checkpoint.architecture)
+    """Rebuild the saved autoencoder or CurveNet from a checkpoint alone, weights loaded (a model
+    of the user's own only when the command line named its factory: aemc.architectures)."""
+    model = architectures.build(checkpoint.architecture)
     if checkpoint.kind == "curve":
         c = checkpoint.curve_config
         model = CurveNet(model, c["curve"], c["num_bends"], c["fix_start"], c["fix_end"])

@@ -31,6 +31,18 @@ def run_cli(main, parser, argv=None):
         sys.exit(130)
 
 
+def json_object(text):
+    """argparse type: a JSON object ('{"width": 32}') -> dict."""
+    import json
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not JSON ({e}): {text!r}")
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object like '{{\"width\": 32}}', got {text!r}")
+    return value
+
+
 def positive(kind):
     """argparse type: a strictly positive int or float."""
     def parse(text):

@@ -15,6 +15,8 @@ from typing import NamedTuple
 import torch
 from torch.func import functional_call
 
+from aemc import repair
+from aemc.losses import reconstruction
 from aemc.speed import accumulator_dtype, autocast
 
 
@@ -107,7 +109,7 @@ def score_ensembles(module, members, ensembles, test_batches, loss_fns, image_me
         outputs = {}
         for key, state in members.items():
             with autocast(device, amp):
-                outputs[key] = functional_call(module, state, (x,)).float()
+                outputs[key] = reconstruction(functional_call(module, state, (x,))).float()
             score(member_sums[key], outputs[key], x)
         for e in ensembles:
             score(ensemble_sums[e.name], torch.stack([outputs[k] for k in e.keys]).mean(0), x)
@@ -122,9 +124,13 @@ def score_ensembles(module, members, ensembles, test_batches, loss_fns, image_me
     return table
 
 
-def member_state(evaluator, theta):
+def member_state(evaluator, theta, repair_targets=None):
     """A member: the parameters `theta` with BatchNorm re-estimated by `evaluator` (as at a path's
-    point), as a state dict of copies, on the evaluator's device."""
+    point; with `repair_targets`, REPAIRed too), as a state dict of copies, on the evaluator's
+    device (REPAIR's corrections are buffers of the state: scoring applies them)."""
     evaluator.load(theta)
+    repair.disable(evaluator.module)
     evaluator.estimate_bn()
+    if repair_targets is not None:
+        evaluator.repair(repair_targets)
     return {k: v.detach().clone() for k, v in evaluator.module.state_dict().items()}

@@ -16,10 +16,10 @@ import copy
 import torch
 from torch import nn
 
-from aemc import distributed
+from aemc import distributed, repair
 from aemc.data import build_loaders
 from aemc.files import RunDir
-from aemc.losses import build_lpips, evaluation_losses
+from aemc.losses import build_lpips, evaluation_losses, kl_divergence, psnr, reconstruction, split_output
 from aemc.settings import Speed
 from aemc.speed import accumulator_dtype, autocast, configure, prepare_model
 
@@ -38,7 +38,7 @@ def evaluate(model, loader, loss_fns, image_metrics=None, amp="none", on_batch=N
     sums = {name: torch.zeros((), device=loader.device, dtype=accumulator_dtype(loader.device)) for name in fns}
     for x in loader:
         with autocast(loader.device, amp):
-            out = model(x)
+            out, posterior = split_output(model(x))
         out = out.float()
         if on_batch is not None:
             on_batch(x, out)
@@ -46,6 +46,12 @@ def evaluate(model, loader, loss_fns, image_metrics=None, amp="none", on_batch=N
             sums[name] += fn(out, x).detach() * len(x)
         for name, fn in (image_metrics or {}).items():
             sums[name] += fn(out, x).detach().to(sums[name].dtype).sum()
+        if posterior is not None:  # a VAE: the KL term too, and the loss it makes with the reconstruction's
+            kl = kl_divergence(*(v.float() for v in posterior), x[0].numel()).detach().to(sums["loss"].dtype)
+            for name in ("kl", "elbo_loss"):
+                sums.setdefault(name, torch.zeros_like(sums["loss"]))
+            sums["kl"] += kl.sum()
+            sums["elbo_loss"] += kl.sum() + loss_fns["loss"](out, x).detach() * len(x)
     return {name: (s / loader.num_images).item() for name, s in sums.items()}
 
 
@@ -62,11 +68,12 @@ def weight_distance(a, b):
 
 @torch.no_grad()
 def output_difference(a, b, batches):
-    """(max, mean) of |a(x) - b(x)| over all pixels of the batches, both models in eval mode."""
+    """(max, mean) of |a(x) - b(x)| over all pixels of the batches, both models in eval mode (of
+    their reconstructions, for VAEs)."""
     a.eval(), b.eval()
     peak, total, count = 0.0, 0.0, 0
     for x in batches:
-        d = (a(x) - b(x)).abs()
+        d = (reconstruction(a(x)) - reconstruction(b(x))).abs()
         peak, total, count = max(peak, d.max().item()), total + d.double().sum().item(), count + d.numel()
     return peak, total / count
 
@@ -135,17 +142,21 @@ class PointEvaluator:
     first `bn_batches` of them, the same at every point), then every loss in `loss_fns` is measured
     on the train and the test batches and every metric in `image_metrics` (one value per image,
     e.g. LPIPS) on the test batches. `speed` (a Speed): mixed precision, channels_last, compile. With
-    `samples`, the reconstructions of those images are returned too.
+    `samples`, the reconstructions of those images are returned too. With `repair_layers`, REPAIR
+    (aemc.repair) can be applied after those layers at any point: `statistics(theta)` measures an
+    end's, `__call__(theta, repair=targets)` restores them.
     """
 
     def __init__(self, template, train_batches, test_batches, loss_fns, image_metrics=None,
-                 bn_batches=None, speed=Speed(), samples=None):
+                 bn_batches=None, speed=Speed(), samples=None, repair_layers=None, prior=None):
         self.module = copy.deepcopy(template).to(train_batches.device)
+        if repair_layers:
+            repair.install(self.module, repair_layers)
         self.runner = prepare_model(self.module, speed)
         self.amp = speed.amp
         self.train_batches, self.test_batches = train_batches, test_batches
         self.loss_fns, self.image_metrics = loss_fns, image_metrics
-        self.bn_batches, self.samples = bn_batches, samples
+        self.bn_batches, self.samples, self.prior = bn_batches, samples, prior
 
     @torch.no_grad()
     def load(self, theta):
@@ -156,19 +167,50 @@ class PointEvaluator:
         with autocast(self.train_batches.device, self.amp):
             update_bn(self.train_batches, self.runner, num_batches=self.bn_batches)
 
-    def __call__(self, theta, on_test_batch=None):
-        """{"train_<loss>": float, ..., "test_<metric>": float, ["recons": (K, 3, 64, 64) on the CPU]}.
-        `on_test_batch(x, out)` sees every test batch and the point's reconstructions of it."""
+    def statistics(self, theta):
+        """{repaired layer: (mean, std)} of that layer's output at theta (BatchNorm re-estimated,
+        REPAIR off): the statistics an end contributes to REPAIR's targets."""
         self.load(theta)
+        repair.disable(self.module)
         self.estimate_bn()
+        return self.measure()
+
+    def measure(self):
+        with autocast(self.train_batches.device, self.amp):
+            return repair.measure(self.runner, self.train_batches, self.bn_batches)
+
+    def repair(self, targets):
+        """REPAIR at the loaded point (aemc.repair): as many rounds of measuring and correcting the
+        repaired layers as there are of them (round k fixes the k-th layer of a chain, whose inputs
+        the earlier ones change), BatchNorm re-estimated on the corrected activations, and the
+        rounds again for the layers after BatchNorm."""
+        rounds = len(targets)
+        for step in range(2 * rounds):
+            repair.correct(self.module, self.measure(), targets)
+            if step == rounds - 1:
+                self.estimate_bn()
+
+    def __call__(self, theta, on_test_batch=None, repair_targets=None):
+        """{"train_<loss>": float, ..., "test_<metric>": float, ["recons": (K, 3, 64, 64) on the CPU]}.
+        `on_test_batch(x, out)` sees every test batch and the point's reconstructions of it;
+        `repair_targets` ({layer: (mean, std)}) applies REPAIR at this point (aemc.repair)."""
+        self.load(theta)
+        repair.disable(self.module)
+        self.estimate_bn()
+        if repair_targets is not None:
+            self.repair(repair_targets)
         train = evaluate(self.runner, self.train_batches, self.loss_fns, amp=self.amp)
         test = evaluate(self.runner, self.test_batches, self.loss_fns, self.image_metrics, amp=self.amp,
                         on_batch=on_test_batch)
         result = {**{"train_" + k: v for k, v in train.items()}, **{"test_" + k: v for k, v in test.items()}}
         if self.samples is not None:
             with torch.no_grad(), autocast(self.train_batches.device, self.amp):
-                result["recons"] = self.runner(self.samples).float().cpu()
+                result["recons"] = reconstruction(self.runner(self.samples)).float().cpu()
+        if self.prior is not None:  # a VAE's decodings of fixed draws from its prior
+            with torch.no_grad(), autocast(self.train_batches.device, self.amp):
+                result["prior_decodes"] = self.module.decode(self.prior).float().cpu()
         return result
+
 
 
 class Session:
@@ -189,7 +231,8 @@ class Session:
 
     @property
     def image_metrics(self):
-        return {"lpips": self.lpips} if self.lpips is not None else None
+        """Per-image test metrics: PSNR (dB, images in [0, 1]) always, LPIPS when asked."""
+        return {"psnr": psnr, **({"lpips": self.lpips} if self.lpips is not None else {})}
 
     def prepare(self, data, loss, out_dir):
         """The output folder, the losses of `loss` (a Loss) and the loaders of `data` (a Data)."""
@@ -200,8 +243,27 @@ class Session:
         self.train_loader, self.test_loader = build_loaders(data, self.device, speed=self.speed)
         return self
 
-    def evaluator(self, template, samples=None, lpips=True):
-        """A PointEvaluator of modules like `template` on this session's data, losses and speed."""
+    def evaluator(self, template, samples=None, image_metrics=True, repair_layers=None, prior=None):
+        """A PointEvaluator of modules like `template` on this session's data, losses and speed
+        (with the per-image test metrics unless `image_metrics` is off; REPAIR after `repair_layers`;
+        decoding the latent codes `prior`, see prior_samples)."""
         return PointEvaluator(template, self.train_loader.ordered(), self.test_loader, self.loss_fns,
-                              self.image_metrics if lpips else None, self.evaluation.bn_batches,
-                              speed=self.speed, samples=samples)
+                              self.image_metrics if image_metrics else None, self.evaluation.bn_batches,
+                              speed=self.speed, samples=samples, repair_layers=repair_layers, prior=prior)
+
+
+@torch.no_grad()
+def prior_samples(model, x, count, seed=0):
+    """`count` fixed draws from N(0, I) in the latent space of a VAE-like model (one whose output on
+    `x` is (reconstruction, mean, log-variance) and that has `decode(z)`), on x's device; None for
+    an autoencoder. The same seed gives the same draws at every point of a path."""
+    if not hasattr(model, "decode"):
+        return None
+    was_training = model.training
+    model.eval()
+    _, posterior = split_output(model.to(x.device)(x[:1]))
+    model.train(was_training)
+    if posterior is None:
+        return None
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(count, *posterior[0].shape[1:], generator=generator).to(x.device)

@@ -8,7 +8,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-COLOURS = {"curve": "tab:blue", "segment": "tab:red", "aligned_segment": "tab:green"}  # by PathKey.name
+COLOURS = {"curve": "tab:blue", "segment": "tab:red", "aligned_segment": "tab:green",  # by PathKey.name
+           "repaired_segment": "tab:orange", "aligned_repaired_segment": "tab:purple"}
 SCALE = 2      # reconstructions are 64x64: drawn at 2x in GIFs and strips
 HEADER = 22    # pixels of caption above each GIF frame
 
@@ -56,6 +57,30 @@ def plot_ensemble(walks, loss_name, path, title=None):
         ax.legend(fontsize=7)
     if title:
         fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def plot_layerwise(walks, loss_name, path, title=None):
+    """The test-loss barriers of each layer-wise path (one group of layers interpolated, the rest at
+    the start), as horizontal bars in the model's order, with the whole segment's as lines."""
+    from matplotlib.figure import Figure
+    groups = [(key, walk) for key, walk in walks.items() if key.kind == "layerwise"]
+    whole = next(walk for key, walk in walks.items() if key.kind == "segment")
+    fig = Figure(figsize=(7, 0.35 * len(groups) + 1.6), dpi=120)
+    ax = fig.subplots()
+    y = np.arange(len(groups))[::-1]
+    for offset, (name, colour) in zip((0.2, -0.2), (("barrier_mean_ends", "tab:red"), ("barrier_line", "tab:blue"))):
+        ax.barh(y + offset, [w["barriers"]["test_loss"][name] for _, w in groups], height=0.38, color=colour,
+                label=name)
+        ax.axvline(whole["barriers"]["test_loss"][name], color=colour, linestyle="--", linewidth=1,
+                   label=f"{name}, all layers")
+    ax.set_yticks(y, [key.group for key, _ in groups], fontsize=7)
+    ax.set_xlabel(f"test {loss_name} barrier (images in [-1, 1])")
+    if title:
+        ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3, axis="x")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
 
@@ -109,6 +134,46 @@ def plot_loss_grid(rows, path):
     fig.savefig(path)
 
 
+def plot_width(rows, path):
+    """barrier_line of the test loss against the base width f (log scale), one line per path: the
+    segment, the aligned segment, aligned + REPAIR, the trained curve (Ainsworth et al.'s Fig. 4)."""
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(6, 4), dpi=120)
+    ax = fig.subplots()
+    widths = [row["width"] for row in rows]
+    paths = (("segment", "segment", "tab:red"), ("aligned_segment", "aligned segment", "tab:green"),
+             ("aligned_repaired_segment", "aligned segment + REPAIR", "tab:purple"),
+             ("curve", "trained curve", "tab:blue"))
+    for prefix, label, colour in paths:
+        ax.plot(widths, [row[f"{prefix}_barrier_line"] for row in rows], "-", marker="o", color=colour, label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(widths, [str(w) for w in widths])
+    _save_barrier_plot(fig, ax, "width f (filters of the first layer)",
+                       "test loss barrier_line (images in [-1, 1])", path)
+
+
+def plot_instability(rows, path):
+    """The barrier of the segment between two copies spawned at epoch K against K (Frankle et al.
+    2020, Fig. 1): the epoch after which the copies end in one linearly connected basin."""
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(6, 4), dpi=120)
+    ax = fig.subplots()
+    ks = [row["spawn_epoch"] for row in rows]
+    for name, colour in (("barrier_mean_ends", "tab:red"), ("barrier_line", "tab:blue")):
+        ax.plot(ks, [row[f"segment_{name}"] for row in rows], "-", marker="o", color=colour, label=name)
+    _save_barrier_plot(fig, ax, "epoch K the copies were spawned at", "test loss barrier between the copies", path)
+
+
+def _save_barrier_plot(fig, ax, xlabel, ylabel, path):
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.axhline(0, color="black", linewidth=0.6)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
 def save_rows(rows, path):
     """Save image rows (each (K, 3, H, W) in [-1, 1]) as one PNG grid, a row per tensor."""
     import torchvision.utils as vutils
@@ -126,17 +191,20 @@ def _to_pil(images, nrow):
     return img.resize((img.width * SCALE, img.height * SCALE), Image.NEAREST)
 
 
-def reconstruction_frames(originals, recons, ts, label):
-    """One frame per t: originals (top) above their reconstructions at t, captioned with t.
+def reconstruction_frames(originals, recons, ts, label, prior=None):
+    """One frame per t: originals (top) above their reconstructions at t, captioned with t; with
+    `prior` (a VAE's decodings of fixed prior samples, a list over t), a third row of those.
 
-    originals: (K, 3, 64, 64); recons: list over t of (K, 3, 64, 64). Returns uint8 (H, W, 3) arrays.
+    originals: (K, C, H, W); recons, prior: lists over t of (K, C, H, W). Returns uint8 (H, W, 3) arrays.
     """
     frames = []
-    for t, rec in zip(ts, recons):
-        grid = _to_pil(torch.cat([originals, rec]), nrow=len(originals))
+    caption = "top: test images" + ("; bottom: decoded prior samples" if prior is not None else "")
+    for i, (t, rec) in enumerate(zip(ts, recons)):
+        rows = [originals, rec] + ([prior[i][:len(originals)]] if prior is not None else [])
+        grid = _to_pil(torch.cat(rows), nrow=len(originals))
         frame = Image.new("RGB", (grid.width, grid.height + HEADER), "white")
         frame.paste(grid, (0, HEADER))
-        ImageDraw.Draw(frame).text((6, 5), f"{label}   t = {t:.2f}   (top: test images)", fill="black")
+        ImageDraw.Draw(frame).text((6, 5), f"{label}   t = {t:.2f}   ({caption})", fill="black")
         frames.append(np.asarray(frame))
     return frames
 
@@ -148,16 +216,16 @@ def save_gif(frames, path, seconds_per_frame=0.3):
 
 
 def save_strip(originals, recons, ts, label, path):
-    """All frames as one PNG for papers: a row of originals, then one row per t, labelled."""
-    rows = [originals] + list(recons)
-    grid = _to_pil(torch.cat(rows), nrow=len(originals))
+    """All frames as one PNG for papers: a row of originals (unless None), then one row per t, labelled."""
+    rows = ([originals] if originals is not None else []) + list(recons)
+    grid = _to_pil(torch.cat(rows), nrow=len(recons[0]))
     margin = 70
     strip = Image.new("RGB", (grid.width + margin, grid.height + HEADER), "white")
     strip.paste(grid, (margin, HEADER))
     draw = ImageDraw.Draw(strip)
     draw.text((6, 5), label, fill="black")
     row_h = grid.height / len(rows)
-    for i, text in enumerate(["input"] + [f"t = {t:.2f}" for t in ts]):
+    for i, text in enumerate((["input"] if originals is not None else []) + [f"t = {t:.2f}" for t in ts]):
         draw.text((6, HEADER + i * row_h + row_h / 2 - 5), text, fill="black")
     strip.save(path)
 

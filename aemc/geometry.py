@@ -43,7 +43,8 @@ class Plane:
             raise DegeneratePlane(f"the {labels[0]} and the {labels[2]} are the same point: they span no plane")
         self.u = along / self.dx
         side = np.asarray(w1, dtype=np.float64) - self.origin
-        side = side - (self.u @ side) * self.u
+        self.x1 = float(self.u @ side)  # w1 sits at (x1, dy)
+        side = side - self.x1 * self.u
         self.dy = float(np.linalg.norm(side))
         if self.dy <= COLLINEAR * self.dx:
             raise DegeneratePlane(f"the {labels[1]} lies on the line through the {labels[0]} and the "
@@ -55,6 +56,13 @@ class Plane:
         offset = np.asarray(w, dtype=np.float64) - self.origin
         x, y = float(self.u @ offset), float(self.v @ offset)
         return x, y, float(np.linalg.norm(offset - x * self.u - y * self.v))
+
+    def barycentric(self, x, y):
+        """(a0, a1, a2) with a0 + a1 + a2 = 1 and a0 w0 + a1 w1 + a2 w2 = the point (x, y) of the
+        plane: the weights of the three points that span it (negative outside their triangle)."""
+        a1 = y / self.dy
+        a2 = (x - a1 * self.x1) / self.dx
+        return 1.0 - a1 - a2, a1, a2
 
     def point(self, x, y):
         """The parameter vector w0 + x u + y v (float64)."""

@@ -98,6 +98,33 @@ def build_loss(name=Loss.loss_function, num_filters=Loss.num_filters, channels=3
     raise ValueError(f"unknown loss {name!r}; choose from {LOSSES}")
 
 
+def split_output(out):
+    """(reconstruction, (mean, log-variance) or None) of a model's output: an autoencoder returns
+    its reconstruction, a VAE-like model (reconstruction, mean, log-variance)."""
+    if isinstance(out, (tuple, list)):
+        return out[0], (out[1], out[2])
+    return out, None
+
+
+def reconstruction(out):
+    return split_output(out)[0]
+
+
+def kl_divergence(mean, logvar, values):
+    """KL(q(z | x) || N(0, I)) of each image's posterior N(mean, exp(logvar)), summed over the
+    latent units and divided by `values` (the image's number of pixel values, C * H * W), the
+    scale of a per-pixel mean reconstruction loss: (N,). loss = reconstruction + beta * this."""
+    kl = -0.5 * (1 + logvar - mean.pow(2) - logvar.exp()).sum(1)
+    return kl / values
+
+
+def psnr(output, target):
+    """Peak signal-to-noise ratio in dB of each image, on images mapped from [-1, 1] to [0, 1]
+    (peak 1): -10 log10(mean squared error); (N,) for a batch (N, C, H, W)."""
+    mse = ((output - target) / 2).pow(2).flatten(1).mean(1)
+    return -10 * torch.log10(mse.clamp(min=1e-10))
+
+
 def evaluation_losses(loss, device):
     """The losses an evaluation reports for `loss` (a Loss), named as in its outputs: {"loss": that
     loss, "l1": L1 too when that loss is not L1}."""
@@ -219,8 +246,9 @@ class LPIPS(nn.Module):
     """LPIPS (Zhang et al., CVPR 2018), v0.1 with the AlexNet backbone, from the `lpips` package.
 
     `LPIPS()(x, y)` takes two batches in [-1, 1] (N, 3, H, W) and returns one distance per image
-    (N,). The backbone gets real ImageNet weights (see `alexnet_features`), never random ones:
-    without them construction fails with LPIPSUnavailable. Build it once and move it to the device.
+    (N,); grey batches (N, 1, H, W) are repeated to three channels. The backbone gets real ImageNet
+    weights (see `alexnet_features`), never random ones: without them construction fails with
+    LPIPSUnavailable. Build it once and move it to the device.
     """
 
     def __init__(self, weights=None):
@@ -243,4 +271,6 @@ class LPIPS(nn.Module):
         self.eval().requires_grad_(False)
 
     def forward(self, x, y):
+        if x.shape[1] == 1:  # grey images: the same channel three times (AlexNet reads RGB)
+            x, y = x.expand(-1, 3, -1, -1), y.expand(-1, 3, -1, -1)
         return self.net(x, y, normalize=False).flatten()

@@ -12,26 +12,27 @@ from typing import NamedTuple
 
 import numpy as np
 
-from aemc import figures
+from aemc import barriers, figures
 from aemc.files import atomic_write, file_digest, output_stem, write_json
-from aemc.paths import PathKey
+from aemc.paths import IMAGES, PathKey
 
 UNITS = "losses on images in [-1, 1]"
 
 
-def walk_name(sources, num_points, aligned=False):
+def walk_name(sources, num_points, aligned=False, layerwise=False):
     """The name of a walk's outputs: from the curve checkpoint (`sources["ckpt"]`), or from the two
     endpoints of a segment (`sources["init_start"]`, `sources["init_end"]`)."""
     if "ckpt" in sources:
         name = f"{output_stem(sources['ckpt'])}-curve"
     else:
-        name = f"{output_stem(sources['init_start'])}--{output_stem(sources['init_end'])}-segment"
+        kind = "layerwise" if layerwise else "segment"
+        name = f"{output_stem(sources['init_start'])}--{output_stem(sources['init_end'])}-{kind}"
     return f"{name}-{num_points}pts" + ("-aligned" if aligned else "")
 
 
-def walk_report(out_dir, sources, num_points, aligned=False):
+def walk_report(out_dir, sources, num_points, aligned=False, layerwise=False):
     """The path of a walk's JSON report (the record file: written last, it lists the others)."""
-    return os.path.join(out_dir, walk_name(sources, num_points, aligned) + ".json")
+    return os.path.join(out_dir, walk_name(sources, num_points, aligned, layerwise) + ".json")
 
 
 def checkpoint_records(sources, folder):
@@ -45,34 +46,46 @@ def write_walks(base, *, walks, samples, loss_name, sources, config, lpips_sourc
                 alignment=None, extra=None, ensemble=False):
     """Every output of a walk: NPZ, plots, GIFs and strips, then the JSON that lists them.
 
-    walks: {PathKey: walk result}; samples: the test images of the GIFs (K, 3, 64, 64);
+    walks: {PathKey: walk result}; samples: the test images of the GIFs (K, C, H, W); a walk with
+    prior_decodes (a VAE's) gets them as a third row of its GIF and a strip of their own;
     config: the run's settings and flags, for the record. Returns {role: file path}."""
     files = {"npz": base + ".npz", "loss_plot": base + "_loss.png"}
     arrays = {f"{key.name}_{k}": np.asarray(v) for key, res in walks.items() for k, v in res.items()
-              if isinstance(v, list) and k != "recons"}
+              if isinstance(v, list) and k not in IMAGES}
     if length_ratio is not None:
         arrays["length_ratio"] = np.asarray(length_ratio)
     with atomic_write(files["npz"]) as f:
         np.savez(f, **arrays)
     title = f"{os.path.basename(base)} ({loss_name}, images in [-1, 1])"
-    figures.plot_metric(walks, "loss", f"{loss_name} loss", files["loss_plot"], title)
+    figures.plot_metric({k: w for k, w in walks.items() if k.kind != "layerwise"}, "loss", f"{loss_name} loss",
+                        files["loss_plot"], title)
     if lpips_source is not None:
         files["lpips_plot"] = base + "_lpips.png"
         figures.plot_metric(walks, "lpips", "LPIPS (AlexNet)", files["lpips_plot"], title)
     if ensemble:
         files["ensemble_plot"] = base + "_ensemble.png"
         figures.plot_ensemble(walks, loss_name, files["ensemble_plot"], title)
+    if any(key.kind == "layerwise" for key in walks):
+        files["layerwise_plot"] = base + "_layerwise.png"
+        figures.plot_layerwise(walks, loss_name, files["layerwise_plot"], title)
     for key, res in walks.items():
+        if key.kind == "layerwise":  # one GIF of the whole segment says enough
+            continue
         files[f"{key.name}_gif"], files[f"{key.name}_strip"] = f"{base}_{key.name}.gif", f"{base}_{key.name}_strip.png"
-        frames = figures.reconstruction_frames(samples, res["recons"], res["ts"], key.label)
+        prior = res.get("prior_decodes")
+        frames = figures.reconstruction_frames(samples, res["recons"], res["ts"], key.label, prior)
         figures.save_gif(frames, files[f"{key.name}_gif"])
         figures.save_strip(samples, res["recons"], res["ts"], key.label, files[f"{key.name}_strip"])
+        if prior is not None:
+            files[f"{key.name}_prior_strip"] = f"{base}_{key.name}_prior_strip.png"
+            figures.save_strip(None, prior, res["ts"], f"{key.label}: decoded prior samples",
+                               files[f"{key.name}_prior_strip"])
     files["json"] = base + ".json"
     report = {"config": config, "loss": loss_name, "units": UNITS,
               "checkpoints": checkpoint_records(sources, os.path.dirname(base)),
               "lpips_weights": lpips_source, "length_ratio": length_ratio, "alignment": alignment, **(extra or {}),
               "paths": {key.name: {"path": key.to_dict(), "label": key.label,
-                                   **{k: v for k, v in res.items() if k != "recons"}}
+                                   **{k: v for k, v in res.items() if k not in IMAGES}}
                         for key, res in walks.items()},
               "files": {role: os.path.basename(path) for role, path in files.items()}}
     write_json(files["json"], report)  # last: its presence means everything it lists is there
@@ -94,6 +107,8 @@ def read_walks(path):
     paths = {}
     for name, entry in report["paths"].items():
         key = PathKey(**entry["path"]) if "path" in entry else _key_from_label(name)
+        if any("above_mean_of_ends" in b for b in entry.get("barriers", {}).values()):  # before the names
+            entry["barriers"] = {m: barriers.from_format_1(b) for m, b in entry["barriers"].items()}
         paths[key] = entry
     return WalkReport(paths, report.get("length_ratio"), report.get("loss"), report)
 
@@ -112,7 +127,8 @@ def plane_base(out_dir, name, grid_points):
     return os.path.join(out_dir, f"{name}-{grid_points}x{grid_points}")
 
 
-def write_plane(base, *, geometry, metrics, loss_name, sources, config, has_curve, labels, lpips_source=None):
+def write_plane(base, *, geometry, metrics, loss_name, sources, config, has_curve, labels, lpips_source=None,
+                extra=None):
     """A plane's figures (one per metric), then the JSON that lists them beside the NPZ the sweep
     wrote (diverged points: NaN in the NPZ, null in the JSON). Returns {role: file path}."""
     def plain(a):  # JSON has no NaN: diverged points become null
@@ -128,6 +144,7 @@ def write_plane(base, *, geometry, metrics, loss_name, sources, config, has_curv
               "(and as fractions of dx, dy)", "checkpoints": checkpoint_records(sources, os.path.dirname(base)),
               "lpips_weights": lpips_source,
               **{k: plain(v) for k, v in geometry.items()}, "metrics": {k: plain(v) for k, v in metrics.items()},
+              **(extra or {}),
               "files": {role: os.path.basename(path) for role, path in files.items()}}
     write_json(files["json"], report)  # last: its presence means everything it lists is there
     return files

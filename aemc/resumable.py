@@ -46,18 +46,19 @@ def save(path, config, done, metrics, extra):
 
 
 def run(path, config, points, evaluate, shape=None, extra=None, desc="points", verbose=True):
-    """Evaluate `evaluate(point) -> {metric: float}` at every point of `points`, resuming from `path`.
+    """Evaluate `evaluate(point) -> {metric: value}` at every point of `points`, resuming from `path`.
 
     `config`: a JSON-able dict of every setting that changes the results (checked on resume);
-    `shape`: how the points are laid out (default: a flat list), the shape of every metric array;
-    `extra`: fixed arrays written alongside (coordinates, ...). Non-finite values are kept as NaN.
-    Under torchrun the points are shared round-robin, one per process per round; every process
-    ends with all the results, and rank 0 alone writes the file.
-    Returns ({metric: array of `shape`}, done mask of `shape`).
+    `shape`: how the points are laid out (default: a flat list), the leading shape of every metric
+    array (a value may itself be an array: a point's reconstructions); `extra`: fixed arrays written
+    alongside (coordinates, ...). Non-finite values are kept as NaN. `path` None: nothing is written
+    or resumed. Under torchrun the points are shared round-robin, one per process per round; every
+    process ends with all the results, and rank 0 alone writes the file.
+    Returns ({metric: array of `shape` (+ the value's shape)}, done mask of `shape`).
     """
     shape = tuple(shape or (len(points),))
     config = json.loads(json.dumps(config, sort_keys=True))  # the form it takes in the file
-    saved = load(path, config, shape)
+    saved = load(path, config, shape) if path is not None else {}
     done = saved.get(DONE, np.zeros(shape, dtype=bool)).copy()
     metrics = {k: v.copy() for k, v in saved.items() if k not in (CONFIG, DONE) and k not in (extra or {})}
     todo = [i for i in range(len(points)) if not done.flat[i]]
@@ -73,10 +74,13 @@ def run(path, config, points, evaluate, shape=None, extra=None, desc="points", v
             for i, values in distributed.all_gather(result):
                 if i is None:
                     continue
+                index = np.unravel_index(i, shape)
                 for name, value in values.items():
-                    metrics.setdefault(name, np.full(shape, np.nan)).flat[i] = value
-                done.flat[i] = True
-            if main:
+                    value = np.asarray(value.cpu() if hasattr(value, "cpu") else value)
+                    metrics.setdefault(name, np.full(shape + value.shape, np.nan, dtype=value.dtype if value.ndim
+                                                     else np.float64))[index] = value
+                done[index] = True
+            if main and path is not None:
                 save(path, config, done, metrics, extra or {})
             bar.update(len(batch))
     except KeyboardInterrupt:

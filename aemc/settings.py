@@ -25,12 +25,15 @@ FORMATS = ("ae-mode-connectivity/1", FORMAT)  # every format this version reads
 @dataclass(frozen=True)
 class Data:
     """Where the images come from and how they are split and batched."""
-    dataset: str = "celeba"          # celeba | folder | synthetic
+    dataset: str = "celeba"          # celeba | folder | synthetic | mnist | fashion_mnist | cifar10
     data_path: str = "data"          # CelebA root or image folder
     max_images: Optional[int] = None  # the first N images only
     test_fraction: float = 0.2       # test share of the fixed split
     batch_size: int = 64
     num_workers: int = 4             # processes decoding images for the cache
+    image_size: Optional[int] = None  # synthetic, folder, celeba: the side images are resized to (None: 64)
+    channels: Optional[int] = None   # synthetic, folder, celeba: 3 (RGB, None) or 1 (grey)
+    native_split: bool = True        # mnist, fashion_mnist, cifar10: the dataset's own train/test split
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,7 @@ class Loss:
     """The reconstruction loss a run optimises (on images in [-1, 1])."""
     loss_function: str = "mae"       # mae | laplacian
     num_filters: int = 5             # Laplacian pyramid levels
+    beta: float = 1.0                # a VAE's loss: reconstruction + beta * KL (aemc.losses.kl_divergence)
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,10 @@
 torch.compile, where the data live, TF32. They change how fast results come, not the results
 (beyond round-off)."""
 import torch
+from torch import nn
 
 from aemc.errors import UserError
+from models.curves import CurveNet
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -66,6 +68,33 @@ def prepare_model(model, speed, data_parallel=False):
         runner = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     return torch.compile(runner) if speed.compile else runner
+
+
+def sync_batchnorm(model):
+    """The model with SyncBatchNorm in place of every BatchNorm layer that runs (--sync_bn). A
+    CurveNet runs only its base module, which holds the buffers while functional_call supplies the
+    parameters of theta(t): its base's BatchNorm layers are converted, buffers kept, parameters
+    left to functional_call; the bends, mere holders of parameters, are untouched. (torch's own
+    conversion reads the running statistics of every BatchNorm, which the bends do not have.)"""
+    if not isinstance(model, CurveNet):
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model.base = _sync_buffers_only(model.base)
+    return model
+
+
+def _sync_buffers_only(module):
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        synced = nn.SyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
+                                  module.track_running_stats)
+        for key in [k for k, v in synced._parameters.items() if v is not None]:
+            del synced._parameters[key]
+        for name, buffer in module.named_buffers(recurse=False):
+            setattr(synced, name, buffer)
+        synced.train(module.training)
+        return synced
+    for name, child in module.named_children():
+        module.add_module(name, _sync_buffers_only(child))
+    return module
 
 
 def accumulator_dtype(device):

@@ -1,6 +1,14 @@
-"""The original project's experiment as a plan of stages: endpoints for every (loss, init), curves
-between every pair of inits, the check of their ends, their evaluation (and planes), each stage one
-command line of the project's own scripts; and the state file that makes the study resumable.
+"""Studies as plans of stages, each stage one command line of the project's own scripts, and the
+state file that makes a study resumable. Three kinds:
+
+* grid (the original project's experiment): endpoints for every (loss, init), curves between every
+  pair of inits, the check of their ends, their evaluation (and planes);
+* width (Ainsworth et al.'s width figure, for autoencoders): at every width, two endpoints of one
+  init scheme and different seeds, the curve between them, and one evaluation of their segment,
+  aligned segment, aligned + REPAIR segment and curve;
+* instability (Frankle et al. 2020): one run that keeps a checkpoint per epoch (and its
+  initialisation), and at each chosen epoch K two copies spawned with other data orders, trained to
+  the end, and the barrier between them.
 
 A stage is finished when its output file exists with the SHA-256 recorded when it finished;
 finished stages are skipped, an interrupted training resumes from its checkpoint-last.pt, and a
@@ -16,19 +24,28 @@ from typing import Optional
 
 from aemc import reports
 from aemc.errors import UserError
-from aemc.files import atomic_write, file_digest, output_stem, write_json
-from aemc.paths import PathKey
+from aemc.files import file_digest, output_stem, write_json
 
 
 @dataclass(frozen=True)
 class StudySettings:
-    """What a study runs: the grid (losses x pairs of inits), the sizes, and what each stage is
-    told. A None is a flag left out of the stages' command lines (the scripts' defaults)."""
+    """What a study runs: its kind, the grid (losses x pairs of inits), the widths or the epochs to
+    spawn from, the sizes, and what each stage is told. A None is a flag left out of the stages'
+    command lines (the scripts' defaults)."""
+    kind: str = "grid"                # grid | width | instability
+    widths: tuple = (8, 16, 32, 64)   # width: the base widths f
+    spawn_epochs: tuple = (0, 1, 2, 4)  # instability: the epochs K the copies are spawned at
+    arch: Optional[str] = None        # train.py's --arch (None: conv, the original's)
+    arch_kwargs: Optional[str] = None  # its --arch_kwargs (JSON)
+    norm: Optional[str] = None
+    beta: Optional[float] = None      # a VAE's KL weight
     dataset: str = "synthetic"
     data_path: Optional[str] = None
     max_images: Optional[int] = None
-    in_filters: int = 64
-    latent_dim: int = 128
+    image_size: Optional[int] = None
+    channels: Optional[int] = None
+    in_filters: Optional[int] = 64   # left out of the stages where the architecture takes none (mlp)
+    latent_dim: Optional[int] = 128
     batch_size: int = 64
     lr: float = 1e-4
     epochs: int = 100
@@ -62,8 +79,16 @@ PRESETS = {
     # the original project's settings on CelebA (a GPU's work)
     "paper": StudySettings(dataset="celeba", max_images=None, in_filters=64, latent_dim=128, batch_size=64, lr=1e-4,
                            epochs=100, curve_epochs=100, num_points=21, grid_points=21, num_workers=4, lpips=True),
+    # barriers against width: endpoints of one init scheme, different seeds (--widths to change them)
+    "width": StudySettings(kind="width", widths=(8, 16, 32, 64), dataset="synthetic", max_images=4000, latent_dim=64,
+                           batch_size=64, lr=1e-3, epochs=8, curve_epochs=8, num_points=11, num_workers=4,
+                           losses=("mae",), inits=("normal",)),
+    # the barrier between copies spawned at epoch K against K (--spawn_epochs to change them)
+    "instability": StudySettings(kind="instability", spawn_epochs=(0, 1, 2, 4, 6), dataset="synthetic",
+                                 max_images=4000, in_filters=16, latent_dim=64, batch_size=64, lr=1e-3, epochs=8,
+                                 num_points=11, num_workers=4, losses=("mae",), inits=("normal",)),
 }
-DATA_FLAGS = ("dataset", "data_path", "max_images", "batch_size", "num_workers", "device")
+DATA_FLAGS = ("dataset", "data_path", "max_images", "image_size", "channels", "batch_size", "num_workers", "device")
 SPEED_FLAGS = ("amp", "channels_last", "compile", "no_gpu_data")
 
 
@@ -96,41 +121,114 @@ def _flags(settings, names):
 def plan(root, settings):
     """The stages of the study (a StudySettings) in dependency order (every input made by an
     earlier stage)."""
+    return {"grid": _plan_grid, "width": _plan_width, "instability": _plan_instability}[settings.kind](root, settings)
+
+
+def _model_flags(settings, sizes=("in_filters", "latent_dim")):
+    """train.py's flags for the model: --arch and its settings, and the sizes the architecture takes."""
+    from aemc import architectures
+    takes = architectures.accepted(settings.arch or "conv")
+    kept = [name for name in sizes if name in takes]
+    return _flags(settings, ("arch", "arch_kwargs", "norm", "beta", *kept, "lr"))
+
+
+def _reader_flags(settings):
+    """--arch for the stages that read checkpoints, when the model is the user's own (they import it
+    only when told)."""
+    from aemc import architectures
+    return ["--arch", settings.arch] if settings.arch and architectures.is_user(settings.arch) else []
+
+
+def _endpoint(name, run, settings, loss, init, seed, size, common, extra=()):
+    checkpoint = os.path.join(run, f"checkpoint-{settings.epochs}.pt")
+    return Stage(name, ["train.py", "--dir", run, "--loss_function", loss, "--conv_init", init, "--seed", str(seed),
+                        "--epochs", str(settings.epochs), "--save_freq", str(extra and 1 or settings.epochs), *extra,
+                        *size, *common],
+                 checkpoint, resume=os.path.join(run, "checkpoint-last.pt"))
+
+
+def _curve(name, run, settings, loss, ends, common):
+    checkpoint = os.path.join(run, f"checkpoint-{settings.curve_epochs}.pt")
+    return Stage(name, [
+        "train.py", "--dir", run, "--curve", settings.curve, "--num_bends", str(settings.num_bends),
+        "--init_start", ends[0], "--init_end", ends[1], "--fix_start", "--fix_end",
+        "--epochs", str(settings.curve_epochs), "--save_freq", str(settings.curve_epochs),
+        "--loss_function", loss, "--lr", str(settings.lr), *_reader_flags(settings), *common], checkpoint, list(ends),
+        resume=os.path.join(run, "checkpoint-last.pt"))
+
+
+def _evaluation(name, folder, settings, curve, align):
+    return Stage(name, ["eval_curve.py", "--ckpt", curve, "--dir", folder, "--num_points", str(settings.num_points),
+                        *_flags(settings, ("lpips",)), *(["--align"] if align else []),
+                        *_flags(settings, ("device", *SPEED_FLAGS)), *_reader_flags(settings)],
+                 reports.walk_report(folder, {"ckpt": curve}, settings.num_points, align), [curve])
+
+
+def _plan_width(root, settings):
     common = _flags(settings, DATA_FLAGS) + _flags(settings, SPEED_FLAGS)
-    size = _flags(settings, ("in_filters", "latent_dim", "lr"))
+    loss, init = settings.losses[0], settings.inits[0]
+    from aemc import architectures
+    if "in_filters" not in architectures.accepted(settings.arch or "conv"):
+        raise UserError(f"the width study varies in_filters; the {settings.arch} architecture takes none")
+    stages = []
+    for f in settings.widths:
+        size = ["--in_filters", str(f), *_model_flags(settings, ("latent_dim",))]
+        ends = []
+        for seed in (1, 2):
+            stages.append(_endpoint(f"endpoint f={f} seed {seed}", os.path.join(root, f"f{f}", f"seed{seed}"),
+                                    settings, loss, init, seed, size, common))
+            ends.append(stages[-1].output)
+        stages.append(_curve(f"curve f={f}", os.path.join(root, f"f{f}", "curve"), settings, loss, ends, common))
+        stages.append(_evaluation(f"eval_curve f={f}", os.path.join(root, f"f{f}", "eval"), settings,
+                                  stages[-1].output, align=True))
+    return stages
+
+
+def _plan_instability(root, settings):
+    common = _flags(settings, DATA_FLAGS) + _flags(settings, SPEED_FLAGS)
+    size = _model_flags(settings)
+    parent = os.path.join(root, "parent")
+    stages = [_endpoint("parent run", parent, settings, settings.losses[0], settings.inits[0], 1, size, common,
+                        extra=("--save_init",))]
+    for k in settings.spawn_epochs:
+        if not 0 <= k < settings.epochs:
+            raise UserError(f"--spawn_epochs {k}: copies are spawned at an epoch from 0 to {settings.epochs - 1}")
+        source = os.path.join(parent, f"checkpoint-{k}.pt")
+        folder = os.path.join(root, f"spawn-{k}")
+        stages.append(Stage(f"spawn at epoch {k}", [
+            "spawn.py", "--from", source, "--seeds", "2", "3", "--dir", folder,
+            "--num_points", str(settings.num_points), *_flags(settings, ("lpips", "device", *SPEED_FLAGS)),
+            *_reader_flags(settings)],
+            os.path.join(folder, "spawn.json"), [source]))
+    return stages
+
+
+def _plan_grid(root, settings):
+    common = _flags(settings, DATA_FLAGS) + _flags(settings, SPEED_FLAGS)
+    size = _model_flags(settings)
     stages, ends = [], {}
     for loss in settings.losses:
         for seed, init in enumerate(settings.inits, start=1):
-            run = os.path.join(root, "endpoints", f"{loss}-{init}")
-            ends[loss, init] = os.path.join(run, f"checkpoint-{settings.epochs}.pt")
-            stages.append(Stage(f"endpoint {loss} {init}", [
-                "train.py", "--dir", run, "--loss_function", loss, "--conv_init", init, "--seed", str(seed),
-                "--epochs", str(settings.epochs), "--save_freq", str(settings.epochs), *size, *common],
-                ends[loss, init], resume=os.path.join(run, "checkpoint-last.pt")))
+            stages.append(_endpoint(f"endpoint {loss} {init}", os.path.join(root, "endpoints", f"{loss}-{init}"),
+                                    settings, loss, init, seed, size, common))
+            ends[loss, init] = stages[-1].output
         for a, b in itertools.combinations(settings.inits, 2):
             pair = f"{loss}-{a}--{b}"
             run = os.path.join(root, "curves", pair)
-            curve = os.path.join(run, f"checkpoint-{settings.curve_epochs}.pt")
-            stages.append(Stage(f"curve {loss} {a}/{b}", [
-                "train.py", "--dir", run, "--curve", settings.curve, "--num_bends", str(settings.num_bends),
-                "--init_start", ends[loss, a], "--init_end", ends[loss, b], "--fix_start", "--fix_end",
-                "--epochs", str(settings.curve_epochs), "--save_freq", str(settings.curve_epochs),
-                "--loss_function", loss, "--lr", str(settings.lr), *common],
-                curve, [ends[loss, a], ends[loss, b]], resume=os.path.join(run, "checkpoint-last.pt")))
+            stages.append(_curve(f"curve {loss} {a}/{b}", run, settings, loss, (ends[loss, a], ends[loss, b]), common))
+            curve = stages[-1].output
             stages.append(Stage(f"check_ends {loss} {a}/{b}", [
-                "check_ends.py", "--ckpt", curve, "--dir", run, *_flags(settings, ("device",))],
+                "check_ends.py", "--ckpt", curve, "--dir", run, *_flags(settings, ("device",)),
+                *_reader_flags(settings)],
                 os.path.join(run, "check_ends-t1.png"), [curve], adopt=False))
-            evaluation = os.path.join(root, "eval", pair)
-            stages.append(Stage(f"eval_curve {loss} {a}/{b}", [
-                "eval_curve.py", "--ckpt", curve, "--dir", evaluation, "--num_points", str(settings.num_points),
-                *_flags(settings, ("lpips", "align", "device", *SPEED_FLAGS))],
-                reports.walk_report(evaluation, {"ckpt": curve}, settings.num_points, settings.align), [curve]))
+            stages.append(_evaluation(f"eval_curve {loss} {a}/{b}", os.path.join(root, "eval", pair), settings, curve,
+                                      settings.align))
             if settings.plane:
                 plane = os.path.join(root, "plane", pair)
                 g = settings.grid_points
                 stages.append(Stage(f"plane {loss} {a}/{b}", [
                     "plane.py", "--ckpt", curve, "--dir", plane, "--grid_points", str(g),
-                    *_flags(settings, ("device", *SPEED_FLAGS))],
+                    *_flags(settings, ("device", *SPEED_FLAGS)), *_reader_flags(settings)],
                     reports.plane_base(plane, f"{output_stem(curve)}-plane", g) + ".json", [curve]))
     return stages
 
@@ -151,6 +249,7 @@ class StudyState:
     """study.json: for every stage its command, and once finished its output's and inputs' SHA-256."""
 
     def __init__(self, root):
+        self.root = root
         self.path = os.path.join(root, "study.json")
         self.stages = {}
         if os.path.exists(self.path):
@@ -164,7 +263,12 @@ class StudyState:
         write_json(self.path, {"stages": self.stages})
 
     def check(self, stage):
-        """'done', 'todo' or 'resume'; an error when the stage's record says its result is stale."""
+        """'done', 'todo' or 'resume'; an error when the stage's record says its result is stale. A
+        stage whose result is a report is done only when every file the report lists is there
+        (a study killed while an evaluation wrote its figures reruns that evaluation)."""
+        if stage.output.endswith(".json") and os.path.exists(stage.output) and reports.missing_outputs(stage.output):
+            self.stages.pop(stage.name, None)
+            return "todo"
         record = self.stages.get(stage.name)
         if record is not None and record["argv"] != stage.argv:
             old, new = _flag_values(record["argv"]), _flag_values(stage.argv)
@@ -190,67 +294,13 @@ class StudyState:
         self.stages[stage.name] = {"argv": stage.argv, "output_sha256": None, "inputs": {}}
         self.save()
 
+    def submitted(self, stage, job_id):
+        """A stage handed to SLURM as job `job_id` (not finished yet)."""
+        self.stages[stage.name] = {"argv": stage.argv, "output_sha256": None, "inputs": {}, "job": job_id}
+        self.save()
+
     def finished(self, stage):
         self.stages[stage.name] = {"argv": stage.argv, "output": stage.output,
                                    "output_sha256": file_digest(stage.output),
                                    "inputs": {p: file_digest(p) for p in stage.inputs}}
         self.save()
-
-
-def results(root, settings):
-    """One row per (loss, pair of inits), from each evaluation's own report (read by the function of
-    the code that wrote it)."""
-    rows = []
-    for loss in settings.losses:
-        for a, b in itertools.combinations(settings.inits, 2):
-            curve = os.path.join(root, "curves", f"{loss}-{a}--{b}", f"checkpoint-{settings.curve_epochs}.pt")
-            report_path = reports.walk_report(os.path.join(root, "eval", f"{loss}-{a}--{b}"), {"ckpt": curve},
-                                              settings.num_points, settings.align)
-            report = reports.read_walks(report_path)
-            paths = report.paths
-            curve_walk = next(walk for key, walk in paths.items() if key.kind == "curve")
-            segment = paths[PathKey("segment")]
-            row = {"loss": loss, "start": a, "end": b,
-                   "start_test_loss": curve_walk["test_loss"][0], "end_test_loss": curve_walk["test_loss"][-1],
-                   "segment_peak": max(segment["test_loss"]),
-                   "segment_barrier": segment["barriers"]["test_loss"]["above_mean_of_ends"],
-                   "curve_peak": max(curve_walk["test_loss"]),
-                   "curve_barrier": curve_walk["barriers"]["test_loss"]["above_mean_of_ends"],
-                   "length_ratio": report.length_ratio}
-            if "test_lpips" in segment:
-                row.update(segment_lpips_peak=max(segment["test_lpips"]),
-                           curve_lpips_peak=max(curve_walk["test_lpips"]))
-            aligned = paths.get(PathKey("segment", aligned=True))
-            if aligned is not None:
-                row["aligned_segment_barrier"] = aligned["barriers"]["test_loss"]["above_mean_of_ends"]
-            row["walks"] = {key: {"ts": walk["ts"], "test_loss": walk["test_loss"]} for key, walk in paths.items()}
-            row["report"] = report_path
-            rows.append(row)
-    return rows
-
-
-COLUMNS = {"loss": "loss", "start": "start init", "end": "end init", "start_test_loss": "start test",
-           "end_test_loss": "end test", "segment_peak": "segment peak", "segment_barrier": "segment barrier",
-           "curve_peak": "curve peak", "curve_barrier": "curve barrier", "segment_lpips_peak": "segment LPIPS peak",
-           "curve_lpips_peak": "curve LPIPS peak", "length_ratio": "curve / segment length",
-           "aligned_segment_barrier": "aligned segment barrier"}
-
-
-def write_tables(root, rows):
-    """results.csv and results.md: the columns every row has, numbers to 4 decimals."""
-    keys = [k for k in COLUMNS if all(k in row for row in rows)]
-
-    def cell(value):
-        return f"{value:.4f}" if isinstance(value, float) else str(value)
-    csv = [",".join(keys)] + [",".join(cell(row[k]) for k in keys) for row in rows]
-    md = ["Test losses (each row's own loss) on images in [-1, 1]; peak = the highest point of the path, "
-          "barrier = the peak minus the mean of the ends; LPIPS: AlexNet, mean over the test images.", "",
-          "| " + " | ".join(COLUMNS[k] for k in keys) + " |", "|" + "---|" * len(keys)]
-    md += ["| " + " | ".join(cell(row[k]) for k in keys) + " |" for row in rows]
-    md += ["", "Each evaluation's files (JSON, NPZ, plots, GIFs of reconstructions along the paths):", ""]
-    md += [f"* {row['loss']} {row['start']} / {row['end']}: `{os.path.dirname(row['report'])}`" for row in rows]
-    paths = {"csv": os.path.join(root, "results.csv"), "md": os.path.join(root, "results.md")}
-    for kind, lines in (("csv", csv), ("md", md)):
-        with atomic_write(paths[kind], "w") as f:
-            f.write("\n".join(lines) + "\n")
-    return paths

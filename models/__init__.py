@@ -4,12 +4,14 @@ Architectures are plain `nn.Module`s built by a factory from plain keyword argum
 `ARCHITECTURES` names the built-in factories, and a checkpoint records the name and the kwargs.
 """
 from models.autoencoder import Autoencoder
+from models.mlp import MLPAutoencoder
+from models.resnet import ResNetAutoencoder
+from models.vae import VAE
 
-ARCHITECTURES = {"conv": Autoencoder}  # the original's DCGAN-style conv autoencoder (the default)
+ARCHITECTURES = {
+    "conv": Autoencoder,          # the original's DCGAN-style conv autoencoder (the default)
+    "resnet": ResNetAutoencoder,  # residual blocks
+    "vae": VAE,                   # a variational autoencoder: forward returns (reconstruction, mean, log-variance)
+    "mlp": MLPAutoencoder,        # fully connected, any image size
+}
 
-
-def build(name, kwargs):
-    """The module a built-in factory makes from `kwargs`."""
-    if name not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {name!r}; built in: {', '.join(ARCHITECTURES)}")
-    return ARCHITECTURES[name](**kwargs)

@@ -153,7 +153,7 @@ def test_eval_curve_walks_the_raw_and_the_aligned_segment(ends, aligned_file, tm
          "--bn_batches", "2", "--device", "cpu", "--dir", str(tmp_path), *DATA[:4]]))
     raw, aligned_key = PathKey("segment"), PathKey("segment", aligned=True)
     paths = result["paths"]
-    assert set(paths) == {raw, aligned_key}
+    assert set(paths) == {raw, aligned_key, PathKey("segment", aligned=True, repaired=True)}  # --align adds REPAIR
     # the same ends (pi(B) computes B's function), a different middle
     assert paths[aligned_key]["test_loss"][-1] == pytest.approx(paths[raw]["test_loss"][-1], abs=1e-5)
     assert paths[aligned_key]["test_loss"][1] != pytest.approx(paths[raw]["test_loss"][1], abs=1e-4)

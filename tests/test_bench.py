@@ -16,6 +16,10 @@ def test_the_sections_asked_for_run_and_are_written(tmp_path):
     saved = json.loads(out.read_text())
     assert list(results) == ["alignment", "curve_step"] and saved["results"] == json.loads(json.dumps(results))
     assert saved["config"]["in_filters"] == 8 and saved["config"]["device"] == "cpu"
+    # a curve step against an endpoint step for every built-in architecture
+    import models
+    assert {f"{name}_curve_over_endpoint" for name in models.ARCHITECTURES if name != "conv"} | {
+        "curve_over_endpoint"} <= set(results["curve_step"])
     # the alignment section runs the real weight matching: a planted permutation is undone exactly
     # (at 8 filters and wider in one restart; at 4 it can stop in a local optimum), two independent
     # networks are only brought somewhat closer

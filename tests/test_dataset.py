@@ -313,3 +313,113 @@ def test_download_success_is_checked_renamed_and_extracted(tmp_path, monkeypatch
     images = load_images(Data(dataset="celeba", data_path=str(tmp_path / "data")))
     assert images.shape == (4, 3, 64, 64)
     assert sorted(os.listdir(tmp_path / "data")) == ["img_align_celeba", "img_align_celeba.zip"]
+
+
+# ----------------------------------------------------------------------------- torchvision datasets
+
+def write_idx_images(path, images):
+    """MNIST's idx3-ubyte format: magic 2051, count, rows, cols (big-endian int32), then the pixels."""
+    n, h, w = images.shape
+    with open(path, "wb") as f:
+        f.write(np.array([2051, n, h, w], dtype=">i4").tobytes() + images.astype(np.uint8).tobytes())
+
+
+def write_idx_labels(path, labels):
+    with open(path, "wb") as f:
+        f.write(np.array([2049, len(labels)], dtype=">i4").tobytes() + np.asarray(labels, dtype=np.uint8).tobytes())
+
+
+def make_mnist(root, folder, n_train=12, n_test=5, seed=0):
+    """Files in exactly the layout and format torchvision's MNIST / FashionMNIST read."""
+    rng = np.random.default_rng(seed)
+    raw = root / folder / "raw"
+    raw.mkdir(parents=True)
+    images = {}
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        images[split] = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+        write_idx_images(raw / f"{split}-images-idx3-ubyte", images[split])
+        write_idx_labels(raw / f"{split}-labels-idx1-ubyte", rng.integers(0, 10, size=n))
+    return images["train"], images["t10k"]
+
+
+def make_cifar10(root, n_per_batch=3, seed=0):
+    """CIFAR-10's python batches: pickled dicts, each row 3072 bytes (the R, G and B planes of 32x32)."""
+    import pickle
+    rng = np.random.default_rng(seed)
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rows = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        rows[name] = rng.integers(0, 256, size=(n_per_batch, 3072), dtype=np.uint8)
+        with open(folder / name, "wb") as f:
+            pickle.dump({"data": rows[name], "labels": list(rng.integers(0, 10, size=n_per_batch))}, f)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": [f"class{i}" for i in range(10)]}, f)
+    train = np.concatenate([rows[f"data_batch_{i}"] for i in range(1, 6)]).reshape(-1, 3, 32, 32)
+    return train, rows["test_batch"].reshape(-1, 3, 32, 32)
+
+
+@pytest.mark.parametrize("name,folder", [("mnist", "MNIST"), ("fashion_mnist", "FashionMNIST")])
+def test_mnist_like_sets_load_through_torchvision_at_their_own_split_and_size(tmp_path, name, folder, monkeypatch):
+    from aemc.data import load_splits, torchvision_sets
+    train_px, test_px = make_mnist(tmp_path, folder)
+    train, test = load_splits(Data(dataset=name, data_path=str(tmp_path)), verbose=False)
+    assert train.dtype == torch.uint8 and train.shape == (12, 1, 28, 28) and test.shape == (5, 1, 28, 28)
+    assert torch.equal(train[:, 0], torch.from_numpy(train_px)) and torch.equal(test[:, 0], torch.from_numpy(test_px))
+    # decoded once: the next run reads the cache, not torchvision
+    monkeypatch.setattr(torchvision_sets, "_decode", lambda *a: pytest.fail("decoded again"))
+    again, _ = load_splits(Data(dataset=name, data_path=str(tmp_path)), verbose=False)
+    assert torch.equal(again, train)
+    # the first N images of each split, in the 4:1 proportion
+    train, test = load_splits(Data(dataset=name, data_path=str(tmp_path), max_images=10), verbose=False)
+    assert (len(train), len(test)) == (8, 2) and torch.equal(train[:, 0], torch.from_numpy(train_px[:8]))
+    # --random_split: the fixed 4:1 permutation of all 17 images instead
+    train, test = load_splits(Data(dataset=name, data_path=str(tmp_path), native_split=False), verbose=False)
+    both = torch.cat([torch.from_numpy(train_px), torch.from_numpy(test_px)])
+    assert (len(train), len(test)) == (14, 3)
+    assert sorted(map(bytes, torch.cat([train, test])[:, 0].numpy())) == sorted(map(bytes, both.numpy()))
+
+
+def test_cifar10_loads_through_torchvision_as_rgb_planes(tmp_path, monkeypatch):
+    import torchvision.datasets.cifar as tv_cifar
+
+    from aemc.data import load_splits
+    train_px, test_px = make_cifar10(tmp_path)
+    # torchvision checks each file's MD5 against the real release's: these files are ours
+    monkeypatch.setattr(tv_cifar, "check_integrity", lambda path, md5=None: os.path.isfile(path))
+    train, test = load_splits(Data(dataset="cifar10", data_path=str(tmp_path)), verbose=False)
+    assert train.shape == (15, 3, 32, 32) and test.shape == (3, 3, 32, 32)
+    assert torch.equal(train, torch.from_numpy(train_px)) and torch.equal(test, torch.from_numpy(test_px))
+
+
+def test_a_missing_torchvision_set_without_network_is_one_line_naming_folder_and_files(tmp_path, monkeypatch):
+    import urllib.error
+
+    import torchvision.datasets.mnist as tv_mnist
+
+    from aemc.data import load_splits
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+    monkeypatch.setattr(tv_mnist, "download_and_extract_archive", offline)
+    with pytest.raises(UserError) as e:
+        load_splits(Data(dataset="mnist", data_path=str(tmp_path)), verbose=False)
+    message = str(e.value)
+    assert "\n" not in message
+    assert os.path.join(str(tmp_path), "MNIST", "raw") in message and "train-images-idx3-ubyte" in message
+
+
+def test_torchvision_sets_refuse_a_size_of_their_own(tmp_path):
+    from aemc.data import load_splits
+    make_mnist(tmp_path, "MNIST")
+    with pytest.raises(UserError, match="own size"):
+        load_splits(Data(dataset="mnist", data_path=str(tmp_path), image_size=64), verbose=False)
+
+
+@pytest.mark.parametrize("size,channels", [(28, 1), (32, 3), (64, 3)])
+def test_synthetic_faces_at_other_sizes_and_grey(size, channels):
+    from aemc.data import load_splits
+    train, test = load_splits(Data(dataset="synthetic", max_images=20, image_size=size, channels=channels),
+                              verbose=False)
+    assert train.shape == (16, channels, size, size) and test.shape == (4, channels, size, size)
+    assert train.dtype == torch.uint8 and train.float().std() > 10  # drawn images, not a blank canvas

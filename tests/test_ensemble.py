@@ -1,3 +1,4 @@
+import json
 import os
 import signal
 
@@ -12,6 +13,7 @@ import eval_curve
 import fge
 import trainer
 from aemc import checkpoints
+from aemc.barriers import barriers
 from aemc.data.loader import TensorLoader
 from aemc.data.synthetic import synthetic_faces
 from aemc.ensembles import Ensemble, member_state, score_ensembles
@@ -131,6 +133,11 @@ def test_ensemble_py_scores_curve_segment_and_endpoints(trained_curve, ends, tmp
         assert row["gain"]["loss"] >= -1e-7 and "lpips" in row["ensemble"]
     for name in ("json", "csv", "plot"):
         assert os.path.isfile(result["files"][name])
+    # the barriers along each path, from its members at t = 0, 0.5, 1 (their own scores)
+    report = json.load(open(result["files"]["json"]))
+    for family in ("curve", "segment"):
+        losses = [m["loss"] for m in table[f"{family}, 3"]["members"]]
+        assert report["path_barriers"][family]["loss"] == pytest.approx(barriers([0, 0.5, 1], losses), abs=1e-12)
     listed = ensemble.main(ensemble.get_args_parser().parse_args(
         ["--ckpts", *ends, ends[0], "--bn_batches", "3", "--device", "cpu", "--dir", str(tmp_path / "c")]))["table"]
     assert list(listed) == ["checkpoints, 2", "checkpoints, 3"]

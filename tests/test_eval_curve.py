@@ -1,4 +1,5 @@
 import json
+import math
 import os
 
 import imageio.v3 as iio
@@ -10,13 +11,14 @@ from PIL import Image
 import dataset
 import eval_curve
 from aemc import checkpoints
+from aemc.barriers import barriers, higher_is_better
 from aemc.data.loader import TensorLoader, to_float
 from aemc.data.synthetic import synthetic_faces
-from aemc.errors import UserError
+from aemc.errors import Interrupted, UserError
 from aemc.evaluation import PointEvaluator, evaluate, update_bn
 from aemc.files import file_digest
-from aemc.losses import LPIPS
-from aemc.paths import PathKey, barrier_heights, path_stats, walk
+from aemc.losses import LPIPS, psnr
+from aemc.paths import PathKey, path_stats, walk
 from conftest import DATA, run_script
 from models.autoencoder import Autoencoder
 from models.curves import connect
@@ -36,13 +38,39 @@ def test_path_statistics_by_hand():
     assert path_stats([0.0, 1.0, 2.0, 3.0], [0, 0.5, 0.5, 0.5])["int"] == pytest.approx(1.5)
 
 
-def test_barrier_heights_by_hand():
-    assert barrier_heights([0, 0.5, 1], [1.0, 3.0, 2.0]) == pytest.approx((1.5, 1.5))
-    # ends 0 and 2 at t = 0, 1; the peak 3 sits at t = 0.25 where the line is at 0.5:
-    # above the mean of the ends: 3 - 1 = 2; above the line: 3 - 0.5 = 2.5
-    assert barrier_heights([0, 0.25, 0.5, 1], [0.0, 3.0, 2.0, 2.0]) == pytest.approx((2.0, 2.5))
-    # a monotone path has no barrier above its line
-    assert barrier_heights([0, 0.5, 1], [0.0, 1.0, 2.0])[1] == pytest.approx(0.0)
+def test_named_barriers_by_hand():
+    b = barriers([0, 0.5, 1], [1.0, 3.0, 2.0])
+    # ends 1 and 2 (mean 1.5), peak 3 at t = 0.5 where the line is at 1.5
+    assert (b["barrier_mean_ends"], b["barrier_line"], b["barrier_midpoint"]) == pytest.approx((1.5, 1.5, 1.5))
+    assert b["barrier_line_relative"] == pytest.approx(1.5 / 1.5)
+    # unequal ends 0 and 2; the peak 3 sits at t = 0.25 where the line is at 0.5: above the mean of
+    # the ends 3 - 1 = 2, above the line 3 - 0.5 = 2.5; at t = 0.5 the value 2 is 1 above the mean
+    b = barriers([0, 0.25, 0.5, 1], [0.0, 3.0, 2.0, 2.0])
+    assert (b["barrier_mean_ends"], b["barrier_line"], b["barrier_midpoint"]) == pytest.approx((2.0, 2.5, 1.0))
+    assert b["barrier_mean_ends_relative"] == pytest.approx(2.0) and b["barrier_midpoint_relative"] == pytest.approx(1.0)
+    # a monotone path: nothing above its line, yet half the ends' difference above their mean
+    b = barriers([0, 0.25, 0.5, 0.75, 1], [0.1, 0.2, 0.3, 0.4, 0.5])
+    assert b["barrier_line"] == pytest.approx(0.0, abs=1e-12) and b["barrier_mean_ends"] == pytest.approx(0.2)
+    # no t = 0.5 sampled: no midpoint barrier
+    assert barriers([0, 0.4, 1], [0.0, 1.0, 0.0])["barrier_midpoint"] is None
+
+
+def test_for_psnr_a_barrier_is_a_loss_of_quality():
+    # PSNR 30 dB at both ends dropping to 20 in the middle: a barrier of 10 dB, a third of the ends' 30
+    b = barriers([0, 0.5, 1], [30.0, 20.0, 30.0], higher_is_better=higher_is_better("test_psnr"))
+    assert (b["barrier_mean_ends"], b["barrier_line"], b["barrier_midpoint"]) == pytest.approx((10.0, 10.0, 10.0))
+    assert b["barrier_line_relative"] == pytest.approx(1 / 3)
+    # a path that is better than its ends in the middle has a negative midpoint barrier
+    assert barriers([0, 0.5, 1], [30.0, 35.0, 30.0], higher_is_better=True)["barrier_midpoint"] == pytest.approx(-5.0)
+    assert not higher_is_better("test_loss") and not higher_is_better("test_lpips")
+
+
+def test_psnr_by_hand():
+    x = torch.zeros(2, 3, 4, 4)
+    out = x.clone()
+    out[0] += 0.2   # in [0, 1]: an error of 0.1 everywhere: mse 0.01, 20 dB
+    out[1, 0, 0, 0] += 2.0  # one pixel of 48 off by 1.0 in [0, 1]: mse 1/48
+    assert psnr(out, x).tolist() == pytest.approx([20.0, 10 * math.log10(48)], rel=1e-6)
 
 
 # ----------------------------------------------------------------------------- the walk
@@ -152,8 +180,10 @@ def test_outputs_hold_the_numbers_of_an_independent_evaluation(evaluated, traine
     mid_segment = {n: 0.5 * (bends[0][n] + bends[2][n]) for n in bends[0]}
     mid_curve = {n: 0.25 * bends[0][n] + 0.5 * bends[1][n] + 0.25 * bends[2][n] for n in bends[0]}
     lpips = LPIPS()
-    assert report["paths"]["curve"]["path"] == dict(kind="curve", curve="Bezier", num_bends=3, aligned=False)
-    assert report["paths"]["segment"]["path"] == dict(kind="segment", curve="PolyChain", num_bends=2, aligned=False)
+    assert report["paths"]["curve"]["path"] == dict(kind="curve", curve="Bezier", num_bends=3, aligned=False,
+                                                         repaired=False)
+    assert report["paths"]["segment"]["path"] == dict(kind="segment", curve="PolyChain", num_bends=2,
+                                                           aligned=False, repaired=False)
     for key, label, middle in (("segment", "segment", mid_segment), ("curve", "curve", mid_curve)):
         expected = [evaluate_by_hand(ck.architecture.kwargs, theta, lpips) for theta in (bends[0], middle, bends[2])]
         for source in (arrays[f"{key}_test_loss"], report["paths"][label]["test_loss"]):
@@ -184,8 +214,10 @@ def test_the_headline_result_the_trained_curve_stays_lower_than_the_segment(trai
     paths = evaluate_cli("--ckpt", os.path.join(trained_curve, "checkpoint-last.pt"), "--num_points", 5,
                          "--device", "cpu", "--dir", tmp_path)["paths"]
     segment, curve = paths[PathKey("segment")], paths[PathKey("curve", "Bezier", 3)]
-    assert segment["barriers"]["test_loss"]["above_mean_of_ends"] > 0.04
-    assert curve["barriers"]["test_loss"]["above_mean_of_ends"] < 0.5 * segment["barriers"]["test_loss"]["above_mean_of_ends"]
+    for name in ("barrier_mean_ends", "barrier_line"):
+        assert segment["barriers"]["test_loss"][name] > 0.04
+        assert curve["barriers"]["test_loss"][name] < 0.5 * segment["barriers"]["test_loss"][name]
+    assert segment["barriers"]["test_psnr"]["barrier_line"] > 0  # a loss of dB along the segment
     assert max(curve["test_loss"]) < max(segment["test_loss"])
 
 
@@ -246,3 +278,77 @@ def test_a_laplacian_evaluation_also_reports_l1(trained_curve, tmp_path):
     assert "train_l1" not in mae and {"train_loss", "train_l1", "test_loss", "test_l1"} <= set(lap)
     assert lap["test_l1"] == pytest.approx(mae["test_loss"], rel=1e-6)   # the same L1, reported as such
     assert lap["test_loss"] != pytest.approx(mae["test_loss"], rel=1e-3)  # the pyramid loss differs
+
+
+def test_an_interrupted_walk_continues_point_by_point_to_the_same_results(trained_curve, tmp_path, monkeypatch):
+    common = ["--ckpt", os.path.join(trained_curve, "checkpoint-last.pt"), "--num_points", 3, "--bn_batches", 2,
+              "--device", "cpu"]
+    whole = evaluate_cli(*common, "--dir", tmp_path / "whole")
+    real = PointEvaluator.__call__
+    calls = {"n": 0}
+
+    def interrupt_at_the_fifth(self, theta, **kwargs):  # the curve's 3 points, then the segment's first
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real(self, theta, **kwargs)
+    monkeypatch.setattr(PointEvaluator, "__call__", interrupt_at_the_fifth)
+    with pytest.raises(Interrupted, match="after 1 of 3 points"):
+        evaluate_cli(*common, "--dir", tmp_path / "split")
+    left = sorted(os.listdir(tmp_path / "split"))
+    assert not [f for f in left if f.endswith(".json")]  # no report until every output is there
+    assert len([f for f in left if f.endswith(".partial.npz")]) == 2
+    monkeypatch.undo()
+    evaluated = []
+    monkeypatch.setattr(PointEvaluator, "__call__",
+                        lambda self, theta, **kwargs: (evaluated.append(1), real(self, theta, **kwargs))[1])
+    resumed = evaluate_cli(*common, "--dir", tmp_path / "split")
+    assert len(evaluated) == 2  # only the segment's points not done
+    a, b = np.load(whole["files"]["npz"]), np.load(resumed["files"]["npz"])
+    assert sorted(a.files) == sorted(b.files)
+    for key in a.files:
+        if not key.endswith("seconds"):
+            assert np.array_equal(a[key], b[key]), key
+    assert not [f for f in os.listdir(tmp_path / "split") if f.endswith(".partial.npz")]
+    with pytest.raises(UserError, match="other settings"):  # a partial walk is never mixed with other settings
+        open(tmp_path / "split" / "stale.partial.npz", "wb").close()
+        name = os.path.basename(resumed["files"]["json"])[:-len(".json")]
+        os.replace(tmp_path / "split" / "stale.partial.npz", tmp_path / "split" / f"{name}-curve.partial.npz")
+        np.savez(tmp_path / "split" / f"{name}-curve.partial.npz", sweep_config=np.asarray('{"x": 1}'),
+                 done=np.zeros(3, dtype=bool))
+        evaluate_cli(*common, "--dir", tmp_path / "split")
+
+
+def test_repair_and_alignment_in_one_walk(ends, tmp_path):
+    result = evaluate_cli("--connect", "TRIVIAL", "--init_start", ends[0], "--init_end", ends[1], "--align",
+                          "--repair", "--num_points", 3, "--bn_batches", 2, "--device", "cpu", "--dir", tmp_path,
+                          *DATA[:4])
+    keys = {PathKey("segment"), PathKey("segment", repaired=True), PathKey("segment", aligned=True),
+            PathKey("segment", aligned=True, repaired=True)}
+    assert set(result["paths"]) == keys
+    plain, repaired = result["paths"][PathKey("segment")], result["paths"][PathKey("segment", repaired=True)]
+    # REPAIR leaves the ends as they are and changes the middle
+    assert repaired["test_loss"][0] == pytest.approx(plain["test_loss"][0], abs=1e-6)
+    assert repaired["test_loss"][-1] == pytest.approx(plain["test_loss"][-1], abs=1e-6)
+    assert repaired["test_loss"][1] != pytest.approx(plain["test_loss"][1], abs=1e-5)
+    report = json.load(open(result["files"]["json"]))
+    assert set(report["paths"]) == {"segment", "repaired_segment", "aligned_segment", "aligned_repaired_segment"}
+    for name in ("barrier_mean_ends", "barrier_line", "barrier_midpoint"):
+        assert name in report["paths"]["aligned_repaired_segment"]["barriers"]["test_loss"]
+    assert all(os.path.isfile(os.path.join(tmp_path, f)) for f in report["files"].values())
+
+
+def test_layerwise_paths_interpolate_one_group_and_keep_the_rest(ends, tmp_path):
+    result = evaluate_cli("--connect", "LAYERWISE", "--init_start", ends[0], "--init_end", ends[1],
+                          "--num_points", 2, "--bn_batches", 2, "--device", "cpu", "--dir", tmp_path, *DATA[:4])
+    paths = result["paths"]
+    groups = [key.group for key in paths if key.kind == "layerwise"]
+    assert groups[:2] == ["encoder", "decoder"] and "encoder.0" in groups and "decoder.24" in groups
+    whole = paths[PathKey("segment")]
+    for key, walk_ in paths.items():  # every path starts at A; the whole segment ends at B
+        assert walk_["test_loss"][0] == pytest.approx(whole["test_loss"][0], abs=1e-6), key
+    # the ends of the encoder-only and decoder-only paths are the two hybrids A's decoder + B's encoder and back:
+    # their lengths add up, as squares, to the whole segment's
+    enc, dec = paths[PathKey("layerwise", group="encoder")], paths[PathKey("layerwise", group="decoder")]
+    assert enc["length"] ** 2 + dec["length"] ** 2 == pytest.approx(whole["length"] ** 2, rel=1e-5)
+    assert os.path.isfile(result["files"]["layerwise_plot"])

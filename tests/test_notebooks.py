@@ -61,7 +61,7 @@ DEVICE = "cpu"
 RUN_DIR = {str(tmp_path)!r}
 """)
     text = "".join(outputs(nb, "text"))
-    assert "all checks passed" in text and "barrier test_loss" in text
+    assert "all checks passed" in text and "mean_ends" in text and "test_loss" in text  # the walk's barriers
     assert len(outputs(nb, "image/png")) == 1 and len(outputs(nb, "image/gif")) == 2
     assert os.path.isfile(tmp_path / "curve" / "checkpoint-1.pt")
 

@@ -9,6 +9,7 @@ from PIL import Image
 import eval_curve
 import plane
 from aemc import checkpoints, resumable
+from aemc.barriers import barriers, higher_is_better
 from aemc.errors import Interrupted, UserError
 from aemc.evaluation import PointEvaluator
 from aemc.geometry import DegeneratePlane, Plane, names_and_shapes, vector
@@ -141,9 +142,14 @@ def test_outputs_hold_the_grid_the_geometry_and_figures(small_plane, trained_cur
     # the middle of the bottom row is the segment's midpoint: above the curve's middle (the barrier)
     assert result["metrics"]["test_loss"][1, 0] > result["metrics"]["test_loss"][0, 0]
     assert ck.curve_config["num_bends"] == 3
-    for key in ("test_loss_plane", "train_loss_plane", "test_lpips_plane"):
+    for key in ("test_loss_plane", "train_loss_plane", "test_lpips_plane", "test_psnr_plane"):
         with Image.open(files[key]) as im:
             assert im.width > 500
+    # along the segment (the grid's bottom row, margins 0) the grid is piecewise linear between its
+    # nodes, so its barriers are those of the three nodes
+    for key in ("test_loss", "test_psnr"):
+        expected = barriers([0, 0.5, 1], result["metrics"][key][:, 0], higher_is_better(key))
+        assert report["path_barriers"]["segment"][key] == pytest.approx(expected, abs=1e-9)
 
 
 def test_an_interrupted_plane_continues_to_the_same_arrays(trained_curve, tmp_path, monkeypatch):
@@ -153,11 +159,11 @@ def test_an_interrupted_plane_continues_to_the_same_arrays(trained_curve, tmp_pa
     real = PointEvaluator.__call__
     calls = {"n": 0}
 
-    def interrupt_at_the_third(self, theta):
+    def interrupt_at_the_third(self, theta, **kwargs):
         calls["n"] += 1
         if calls["n"] == 3:
             raise KeyboardInterrupt
-        return real(self, theta)
+        return real(self, theta, **kwargs)
     monkeypatch.setattr(PointEvaluator, "__call__", interrupt_at_the_third)
     with pytest.raises(Interrupted, match="after 2 of 4 points"):
         plane_cli(*common, "--dir", tmp_path / "split")
@@ -167,7 +173,7 @@ def test_an_interrupted_plane_continues_to_the_same_arrays(trained_curve, tmp_pa
     monkeypatch.undo()
     evaluated = []
     monkeypatch.setattr(PointEvaluator, "__call__",
-                        lambda self, theta: (evaluated.append(1), real(self, theta))[1])
+                        lambda self, theta, **kwargs: (evaluated.append(1), real(self, theta, **kwargs))[1])
     resumed = plane_cli(*common, "--dir", tmp_path / "split")["metrics"]
     assert len(evaluated) == 2  # only the points not done
     assert all(np.array_equal(resumed[k], whole[k]) for k in whole)
@@ -182,11 +188,11 @@ def test_three_endpoints_span_a_plane_and_nan_points_are_kept(ends, tmp_path, mo
     real = PointEvaluator.__call__
     calls = {"n": 0}
 
-    def diverge_once(self, theta):  # the second point's weights blow up
+    def diverge_once(self, theta, **kwargs):  # the second point's weights blow up
         calls["n"] += 1
         if calls["n"] == 2:
             theta = {k: v * float("inf") for k, v in theta.items()}
-        return real(self, theta)
+        return real(self, theta, **kwargs)
     monkeypatch.setattr(PointEvaluator, "__call__", diverge_once)
     result = plane_cli("--init_start", ends[0], "--init_middle", third, "--init_end", ends[1],
                        "--grid_points", 2, "--bn_batches", 2, "--device", "cpu", "--dir", tmp_path / "p")

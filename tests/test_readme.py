@@ -20,7 +20,7 @@ def demo_rows(report):
         peak = max(range(len(loss)), key=loss.__getitem__)
         barriers = walk["barriers"]["test_loss"]
         rows.append(f"| {name} | {loss[0]:.3f} | {loss[-1]:.3f} | {loss[peak]:.3f} (t = {ts[peak]:.1f}) | "
-                    f"{barriers['above_mean_of_ends']:.3f} | {barriers['above_line_between_ends']:.3f} | "
+                    f"{barriers['barrier_mean_ends']:.3f} | {barriers['barrier_line']:.3f} | "
                     f"{max(walk['test_lpips']):.3f} |")
     return rows
 

@@ -58,29 +58,49 @@ def test_a_killed_study_finishes_without_redoing_stages_and_its_table_is_its_sta
         (table,) = list(csv.DictReader(f))
     expected = {"start_test_loss": curve["test_loss"][0], "end_test_loss": curve["test_loss"][-1],
                 "segment_peak": max(segment["test_loss"]), "curve_peak": max(curve["test_loss"]),
-                "segment_barrier": segment["barriers"]["test_loss"]["above_mean_of_ends"],
-                "curve_barrier": curve["barriers"]["test_loss"]["above_mean_of_ends"],
-                "aligned_segment_barrier": aligned["barriers"]["test_loss"]["above_mean_of_ends"],
+                "segment_barrier_mean_ends": segment["barriers"]["test_loss"]["barrier_mean_ends"],
+                "segment_barrier_line": segment["barriers"]["test_loss"]["barrier_line"],
+                "curve_barrier_mean_ends": curve["barriers"]["test_loss"]["barrier_mean_ends"],
+                "curve_barrier_line": curve["barriers"]["test_loss"]["barrier_line"],
+                "aligned_segment_barrier_line": aligned["barriers"]["test_loss"]["barrier_line"],
                 "length_ratio": report["length_ratio"]}
     for key, value in expected.items():
         assert float(table[key]) == pytest.approx(value, abs=1e-4), key
     assert (table["loss"], table["start"], table["end"]) == ("mae", "normal", "kaiming_normal")
-    assert os.path.isfile(result["files"]["grid"]) and "| mae | normal | kaiming_normal |" in open(result["files"]["md"]).read()
+    assert os.path.isfile(result["files"]["figure"]) and "| mae | normal | kaiming_normal |" in open(result["files"]["md"]).read()
     # the same command again changes nothing; a changed setting is refused
     stamps = {p: os.path.getmtime(p) for p in (row["report"], os.path.join(first, "checkpoint-2.pt"))}
     run_study("--dir", root, *TINY)
     assert {p: os.path.getmtime(p) for p in stamps} == stamps
+    # an evaluation whose report lists a file that went away (a kill while it wrote its figures) runs again
+    gif = os.path.join(os.path.dirname(row["report"]), report["files"]["aligned_segment_gif"])
+    os.remove(gif)
+    run_study("--dir", root, *TINY)
+    assert os.path.isfile(gif) and file_digest(os.path.join(first, "checkpoint-2.pt")) == digest
     r = run_script("study.py", "--dir", root, *TINY, "--curve_epochs", "3")
     assert r.returncode == 2 and "--epochs 2 then, 3 now" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
-def test_the_plan_makes_every_input_before_it_is_used(tmp_path):
-    args = study.get_args_parser().parse_args(["--dir", str(tmp_path), "--preset", "paper", "--plane", "--align"])
+@pytest.mark.parametrize("preset", ["paper", "width", "instability"])
+def test_the_plan_makes_every_input_before_it_is_used(tmp_path, preset):
+    args = study.get_args_parser().parse_args(["--dir", str(tmp_path), "--preset", preset, "--plane", "--align"])
     stages = studies.plan(str(tmp_path), study.settings_from(args))
     made = set()
     for stage in stages:
-        assert all(path in made for path in stage.inputs), stage.name
+        assert all(path in made or path.endswith(tuple(f"checkpoint-{k}.pt" for k in range(8))) and
+                   any(path.startswith(os.path.dirname(m)) for m in made) for path in stage.inputs), stage.name
         made.add(stage.output)
+    names = [s.name for s in stages]
+    if preset == "width":  # per width: two endpoints of one init scheme, their curve, one evaluation with --align
+        assert len(stages) == 4 * 4 and names[:4] == ["endpoint f=8 seed 1", "endpoint f=8 seed 2", "curve f=8",
+                                                      "eval_curve f=8"]
+        assert all(s.argv[s.argv.index("--conv_init") + 1] == "normal" for s in stages if s.name.startswith("endpoint"))
+        assert "--align" in stages[3].argv
+    if preset == "instability":  # the parent run keeps every epoch and its initialisation; a spawn per epoch K
+        assert names == ["parent run"] + [f"spawn at epoch {k}" for k in (0, 1, 2, 4, 6)]
+        assert "--save_init" in stages[0].argv and stages[1].inputs[0].endswith("checkpoint-0.pt")
+    if preset != "paper":
+        return
     kinds = [s.name.split()[0] for s in stages]
     assert kinds.count("endpoint") == 6 and kinds.count("curve") == 6 and kinds.count("plane") == 6
     r = run_script("study.py", "--dir", tmp_path, "--preset", "paper", "--print_commands")

@@ -61,7 +61,8 @@ def test_learning_rate_factors_are_garipovs_counted_from_one():
 def test_checkpoint_rebuilds_the_model_and_reproduces_the_logged_test_loss(straight_run):
     ck = checkpoints.load(os.path.join(straight_run, "checkpoint-2.pt"))
     assert ck.kind == "autoencoder" and ck.epoch == 2
-    assert ck.architecture.kwargs == dict(in_channels=3, in_filters=4, latent_dim=8, conv_init="normal")
+    assert ck.architecture.kwargs == dict(in_channels=3, in_filters=4, latent_dim=8, conv_init="normal", norm="batch",
+                                          image_size=64)
     model = Autoencoder(**ck.architecture.kwargs)
     model.load_state_dict(ck.state_dict)
     model.eval()

@@ -1,9 +1,11 @@
-"""The images of a run as one in-memory uint8 tensor (N, 3, 64, 64), split and served in batches.
+"""The images of a run as in-memory uint8 tensors (N, C, H, W), split and served in batches.
 
-Every source ends as that tensor: aligned CelebA (`celeba` finds or downloads it), any folder of
-images (`folder` decodes and caches it), or built-in synthetic faces (`synthetic`). It is split
-4:1 by a fixed permutation and served by `loader.TensorLoader` as float batches in [-1, 1] on the
-training device.
+Every source ends as such a tensor: aligned CelebA (`celeba` finds or downloads it), any folder of
+images (`folder` decodes and caches it), built-in synthetic faces (`synthetic`), all 64x64 RGB
+unless asked otherwise (--image_size, --channels 1); MNIST, Fashion-MNIST and CIFAR-10
+(`torchvision_sets`) at their own size, split as the datasets are (or 4:1 with --random_split).
+The others are split 4:1 by a fixed permutation. `loader.TensorLoader` serves float batches in
+[-1, 1] on the training device.
 
 Example::
     >>> train, test = build_loaders(Data(dataset="synthetic", max_images=400), torch.device("cpu"))
@@ -14,14 +16,15 @@ import torch
 
 from aemc import distributed
 from aemc.data.celeba import find_celeba
-from aemc.data.folder import load_folder
+from aemc.data.folder import IMAGE_SIZE, load_folder
 from aemc.data.loader import TensorLoader
 from aemc.data.synthetic import DEFAULT_COUNT as SYNTHETIC_DEFAULT_COUNT
 from aemc.data.synthetic import synthetic_faces
+from aemc.data.torchvision_sets import SETS, load_split
 from aemc.errors import UserError
 from aemc.settings import Data, Speed
 
-DATASETS = ("celeba", "folder", "synthetic")
+DATASETS = ("celeba", "folder", "synthetic", "mnist", "fashion_mnist", "cifar10")
 SPLIT_SEED = 0  # the train/test split is the same for every run, whatever its seed
 
 
@@ -31,15 +34,43 @@ class Loaders(NamedTuple):
 
 
 def load_images(data, verbose=True):
-    """The whole dataset of `data` (a Data) as uint8 (N, 3, 64, 64), `max_images` limiting N
-    before the split."""
+    """The whole dataset of `data` (a Data) as uint8 (N, C, H, W), `max_images` limiting N before
+    the split (for a dataset with a split of its own: both splits, train first)."""
+    if data.dataset in SETS:
+        return torch.cat(load_splits(data, verbose))
+    size, channels = data.image_size or IMAGE_SIZE, data.channels or 3
+    if channels not in (1, 3):
+        raise UserError(f"--channels {channels}: images are RGB (3) or grey (1)")
     if data.dataset == "synthetic":
-        return synthetic_faces(data.max_images or SYNTHETIC_DEFAULT_COUNT, seed=0)
+        faces = synthetic_faces(data.max_images or SYNTHETIC_DEFAULT_COUNT, seed=0, size=size)
+        return faces if channels == 3 else grey(faces)
     if data.dataset == "folder":
-        return load_folder(data.data_path, data.max_images, data.num_workers, verbose)
+        return load_folder(data.data_path, data.max_images, data.num_workers, verbose, size, channels)
     if data.dataset == "celeba":
-        return load_folder(find_celeba(data.data_path), data.max_images, data.num_workers, verbose)
+        return load_folder(find_celeba(data.data_path), data.max_images, data.num_workers, verbose, size, channels)
     raise UserError(f"unknown dataset {data.dataset!r}; choose from {', '.join(DATASETS)}")
+
+
+def grey(images):
+    """uint8 RGB (N, 3, H, W) -> uint8 luminance (N, 1, H, W) (ITU-R 601 weights, as PIL's "L")."""
+    weights = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+    return (images.float() * weights).sum(1, keepdim=True).round().clamp(0, 255).to(torch.uint8)
+
+
+def load_splits(data, verbose=True):
+    """(train, test) uint8 tensors of `data`: a dataset's own split, or the fixed 4:1 split."""
+    if data.dataset not in SETS:
+        return split_images(load_images(data, verbose), data.test_fraction)
+    if data.image_size is not None or data.channels is not None:
+        raise UserError(f"--dataset {data.dataset} comes at its own size and channels: drop --image_size / --channels")
+    train, test = (load_split(data.dataset, data.data_path, is_train) for is_train in (True, False))
+    if not data.native_split:
+        return split_images(torch.cat([train, test]) if data.max_images is None else
+                            torch.cat([train, test])[:data.max_images], data.test_fraction)
+    if data.max_images is not None:  # the first N images, shared as the split is
+        n_test = int(round(data.max_images * data.test_fraction))
+        train, test = train[:data.max_images - n_test], test[:n_test]
+    return train, test
 
 
 def split_images(images, test_fraction=Data.test_fraction):
@@ -64,10 +95,9 @@ def build_loaders(data, device, *, seed=0, speed=Speed(), shard=False):
     several = distributed.world() > 1
     if several and not distributed.is_main():
         distributed.barrier()
-    images = load_images(data)
+    train, test = load_splits(data)
     if several and distributed.is_main():
         distributed.barrier()
-    train, test = split_images(images, data.test_fraction)
     options = dict(resident=None if speed.gpu_data else False, channels_last=speed.channels_last)
     if shard and data.batch_size < distributed.world():
         raise UserError(f"--batch_size {data.batch_size} is smaller than the {distributed.world()} processes "

@@ -16,7 +16,15 @@ from aemc.files import atomic_write, remove_stale_temporaries
 
 IMAGE_SIZE = 64
 CACHE_VERSION = 2
-PREPROCESS = f"PIL RGB; resize shorter side to {IMAGE_SIZE} (bilinear, antialiased); center crop {IMAGE_SIZE}"
+
+
+def preprocess(size=IMAGE_SIZE, channels=3):
+    """What decoding does, as the cache records it (a cache made otherwise is rebuilt)."""
+    mode = "RGB" if channels == 3 else "L"
+    return f"PIL {mode}; resize shorter side to {size} (bilinear, antialiased); center crop {size}"
+
+
+
 _LEGACY_CACHE = re.compile(rf"^\.cache-{IMAGE_SIZE}px-\d+\.pt$")  # version 1 named caches by image count
 
 
@@ -46,27 +54,28 @@ def has_images(path):
                                        for _, _, names in os.walk(path) for name in names)
 
 
-def decode_image(path, size=IMAGE_SIZE):
-    """One image file -> uint8 (3, size, size): RGB, shorter side resized to `size`, centre crop."""
+def decode_image(path, size=IMAGE_SIZE, channels=3):
+    """One image file -> uint8 (channels, size, size): RGB (or grey with channels=1), shorter side
+    resized to `size`, centre crop."""
     import torchvision.transforms.functional as TF
     from PIL import Image
     with Image.open(path) as im:
-        im = im.convert("RGB")  # greyscale, palette and RGBA (alpha dropped) all become RGB
+        im = im.convert("RGB" if channels == 3 else "L")  # grey, palette and RGBA (alpha dropped) all convert
         return TF.pil_to_tensor(TF.center_crop(TF.resize(im, size), size))
 
 
 class _DecodeFiles(torch.utils.data.Dataset):
-    def __init__(self, root, files):
-        self.root, self.files = root, files
+    def __init__(self, root, files, size, channels):
+        self.root, self.files, self.size, self.channels = root, files, size, channels
 
     def __len__(self):
         return len(self.files)
 
     def __getitem__(self, i):
         try:
-            return decode_image(os.path.join(self.root, self.files[i])), True
+            return decode_image(os.path.join(self.root, self.files[i]), self.size, self.channels), True
         except Exception:  # unreadable or truncated file: skipped and counted by the caller
-            return torch.zeros(3, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.uint8), False
+            return torch.zeros(self.channels, self.size, self.size, dtype=torch.uint8), False
 
 
 def _source_signature(root, files):
@@ -78,12 +87,14 @@ def _source_signature(root, files):
     return h.hexdigest()
 
 
-def cache_path(root, max_images=None):
-    return os.path.join(root, f".cache-{IMAGE_SIZE}px-{'all' if max_images is None else f'first{max_images}'}.pt")
+def cache_path(root, max_images=None, size=IMAGE_SIZE, channels=3):
+    grey = "" if channels == 3 else "grey-"
+    return os.path.join(root, f".cache-{size}px-{grey}{'all' if max_images is None else f'first{max_images}'}.pt")
 
 
-def load_folder(root, max_images=None, num_workers=0, verbose=True):
-    """All images under `root` (the first `max_images` files) as uint8 (N, 3, 64, 64), via the cache."""
+def load_folder(root, max_images=None, num_workers=0, verbose=True, size=IMAGE_SIZE, channels=3):
+    """All images under `root` (the first `max_images` files) as uint8 (N, channels, size, size), via
+    the cache."""
     if not os.path.isdir(root):
         raise UserError(f"image folder {root} does not exist; check --data_path")
     files = list_images(root)
@@ -91,9 +102,9 @@ def load_folder(root, max_images=None, num_workers=0, verbose=True):
         raise UserError(f"no images ({', '.join(image_extensions())}) found under {root}; check --data_path")
     if max_images is not None:
         files = files[:max_images]
-    meta = dict(version=CACHE_VERSION, preprocess=PREPROCESS, count=len(files),
+    meta = dict(version=CACHE_VERSION, preprocess=preprocess(size, channels), count=len(files),
                 signature=_source_signature(root, files))
-    cache = cache_path(root, max_images)
+    cache = cache_path(root, max_images, size, channels)
     if os.path.exists(cache):
         try:
             saved = torch.load(cache, map_location="cpu", weights_only=True, mmap=True)
@@ -105,9 +116,10 @@ def load_folder(root, max_images=None, num_workers=0, verbose=True):
             reason = "unreadable"
         warn(f"image cache {cache} is stale ({reason}); rebuilding")
 
-    images = torch.empty(len(files), 3, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.uint8)
+    images = torch.empty(len(files), channels, size, size, dtype=torch.uint8)
     ok = torch.empty(len(files), dtype=torch.bool)
-    loader = torch.utils.data.DataLoader(_DecodeFiles(root, files), batch_size=256, num_workers=num_workers)
+    loader = torch.utils.data.DataLoader(_DecodeFiles(root, files, size, channels), batch_size=256,
+                                         num_workers=num_workers)
     pos = 0
     for batch, good in tqdm(loader, desc=f"decoding {len(files)} images", unit="batch", disable=not verbose):
         images[pos:pos + len(batch)], ok[pos:pos + len(batch)] = batch, good

@@ -1,0 +1,101 @@
+"""Architectures: a factory's name and keyword arguments (aemc.settings.Architecture) -> a module.
+
+Built-in factories are `models.ARCHITECTURES` (conv, resnet, vae, mlp). A user's own model is named
+`package.module:factory`; its module is imported only when the command line names that same
+factory (`--arch package.module:factory`, which calls `allow`): a checkpoint file never causes an
+import, so loading one can never run code.
+
+Example::
+    >>> allow("my_models.tiny:build")          # what --arch my_models.tiny:build does
+    >>> model = build(Architecture("my_models.tiny:build", {"width": 8}))
+"""
+import importlib
+import inspect
+
+import models
+from aemc.errors import UserError, warn
+from aemc.settings import Architecture
+
+_ALLOWED = set()  # user factories the command line named
+_TOLD = set()     # the notes on units left in place, said once
+
+
+def allow(name):
+    """Let `build` import the user factory `name` (the command line named it)."""
+    if name and name not in models.ARCHITECTURES:
+        _ALLOWED.add(name)
+
+
+def is_user(name):
+    return name not in models.ARCHITECTURES
+
+
+def factory(name):
+    """The callable that builds architecture `name`."""
+    if name in models.ARCHITECTURES:
+        return models.ARCHITECTURES[name]
+    module_name, colon, function = name.partition(":")
+    if not colon or not module_name or not function:
+        raise UserError(f"unknown architecture {name!r}: built in are {', '.join(models.ARCHITECTURES)}; a model of "
+                        "your own is named package.module:factory")
+    if name not in _ALLOWED:
+        raise UserError(f"the model is built by {name}, code of your own: pass --arch {name} to import it "
+                        "(a checkpoint never imports code by itself)")
+    try:
+        return getattr(importlib.import_module(module_name), function)
+    except (ImportError, AttributeError) as e:
+        raise UserError(f"--arch {name}: cannot import it ({type(e).__name__}: {e}); is the package on the "
+                        "Python path (run from the folder that holds it)?")
+
+
+def accepted(name):
+    """{keyword: default (or inspect.Parameter.empty)} of the factory's arguments."""
+    return {k: p.default for k, p in inspect.signature(factory(name)).parameters.items()
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+def build(architecture):
+    """A freshly initialised module of `architecture`. A module without a `config` dict gets one,
+    the arguments it was built with (models.symmetry reads in_channels and image_size there)."""
+    try:
+        module = factory(architecture.name)(**architecture.kwargs)
+    except (ValueError, TypeError) as e:
+        raise UserError(f"cannot build {architecture.name} with {architecture.kwargs}: {e}")
+    if not isinstance(getattr(module, "config", None), dict):
+        module.config = dict(architecture.kwargs)
+    return module
+
+
+def resolve(name, kwargs, data_shape):
+    """The Architecture of factory `name` with `kwargs` (given by the user), the image channels
+    and size of the data (C, H, W) where the factory takes them, and every other argument at the
+    factory's default, so that a checkpoint says everything that built its model."""
+    params = accepted(name)
+    unknown = sorted(set(kwargs) - set(params))
+    if unknown:
+        raise UserError(f"{name} takes no {', '.join(unknown)} (it takes {', '.join(params) or 'no arguments'})")
+    full = {k: v for k, v in params.items() if v is not inspect.Parameter.empty}
+    channels, height, width = data_shape
+    for key, value in (("in_channels", channels), ("image_size", height)):
+        if key in params:
+            if key in kwargs and kwargs[key] != value:
+                raise UserError(f"--{key} {kwargs[key]}: the data's images have {value}")
+            full[key] = value
+    if height != width and "image_size" in params:
+        raise UserError(f"{name} takes square images; the data's are {height}x{width}")
+    full.update(kwargs)
+    return Architecture(name, full)
+
+
+def permutation_spec(model):
+    """models.symmetry.permutation_spec of `model`, a model it cannot run said in one line, and the
+    units it leaves in place (it could not prove them permutable) named in one line."""
+    from models.symmetry import permutation_spec as derive
+    try:
+        spec = derive(model)
+    except ValueError as e:
+        raise UserError(str(e))
+    if spec.fixed and tuple(spec.fixed) not in _TOLD:  # once per process
+        _TOLD.add(tuple(spec.fixed))
+        warn(f"note: {len(spec.fixed)} layers' units are not permuted: " + "; ".join(spec.fixed))
+    return spec
