@@ -83,7 +83,7 @@ def get_args_parser():
     g.add_argument("--arch", default=None, help="the model (train.py --arch; default conv, the original's)")
     g.add_argument("--arch_kwargs", default=None, help="its arguments as a JSON object (train.py --arch_kwargs)")
     g.add_argument("--norm", choices=NORMS, default=None)
-    g.add_argument("--amp", choices=("none", "bf16", "fp16"), default=None)
+    g.add_argument("--amp", choices=("auto", "none", "bf16", "fp16"), default=None)
     for name in ("channels_last", "compile", "no_gpu_data"):
         g.add_argument(f"--{name}", action="store_true")
     return p

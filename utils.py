@@ -4,7 +4,7 @@ import os
 
 import torch
 
-from aemc import architectures
+from aemc import architectures, speed
 from aemc.cli import positive
 from aemc.errors import UserError
 from aemc.evaluation import Session
@@ -47,9 +47,11 @@ def resolve_device(name):
 
 def add_speed_args(parser):
     g = parser.add_argument_group("speed (results stay within tolerance of the defaults)")
-    g.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none",
-                   help="mixed-precision forward passes: bf16 (CPU or CUDA) or fp16 (CUDA, with "
-                        "gradient scaling); losses are computed in float32 (none)")
+    g.add_argument("--amp", choices=("auto", "none", "bf16", "fp16"), default="auto",
+                   help="mixed-precision forward passes: bf16 (CPU or CUDA), fp16 (CUDA, with gradient "
+                        "scaling) or none (float32); auto (default): bf16 where the device computes it "
+                        "natively (CUDA compute capability 8.0+, a CPU with AVX512-BF16 or AMX), else none. "
+                        "Losses are computed in float32; the run records what auto chose")
     g.add_argument("--channels_last", action="store_true",
                    help="NHWC memory layout for weights and images (faster convolutions)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (slow first steps)")
@@ -63,7 +65,9 @@ def add_speed_args(parser):
 
 
 def speed_settings(args):
-    return Speed(amp=args.amp, channels_last=args.channels_last, compile=args.compile,
+    """The Speed of the flags, --amp auto resolved for the run's device."""
+    amp = speed.resolve_amp(args.amp, resolve_device(args.device))
+    return Speed(amp=amp, channels_last=args.channels_last, compile=args.compile,
                  gpu_data=not args.no_gpu_data, tf32=not args.no_tf32)
 
 

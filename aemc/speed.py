@@ -1,6 +1,8 @@
 """The speed options every script shares (`aemc.settings.Speed`): mixed precision, memory layout,
 torch.compile, where the data live, TF32. They change how fast results come, not the results
 (beyond round-off)."""
+import os
+
 import torch
 from torch import nn
 
@@ -10,22 +12,38 @@ from models.curves import CurveNet
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def cpu_bf16():
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX, which oneDNN uses for bf16
+    convolutions and matrix products). The environment variable AEMC_NATIVE_BF16=0 or 1 overrides
+    the detection (the test suite sets 0: its references are float32 on every CPU)."""
+    forced = os.environ.get("AEMC_NATIVE_BF16")
+    if forced in ("0", "1"):
+        return forced == "1"
+    return any(getattr(torch.cpu, check, lambda: False)() for check in ("_is_avx512_bf16_supported",
+                                                                         "_is_amx_tile_supported"))
+
+
 def native_bf16(device):
-    """Whether the CUDA device computes in bf16 natively (compute capability 8.0, Ampere, and later)."""
-    return torch.cuda.get_device_capability(device) >= (8, 0)
+    """Whether `device` computes in bf16 natively: a CUDA device of compute capability 8.0 (Ampere)
+    or later, a CPU with AVX512-BF16 or AMX."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device) >= (8, 0)
+    return device.type == "cpu" and cpu_bf16()
 
 
-def default_amp(device):
-    """The mixed precision to use when the user does not say: bf16 where it is native, fp16 on
-    older GPUs (T4, V100, the free Colab GPU), none on the CPU."""
-    if device.type != "cuda":
-        return "none"
-    return "bf16" if native_bf16(device) else "fp16"
+def resolve_amp(amp, device):
+    """--amp as a run records it: "auto" (the default) is bf16 where `device` computes bf16
+    natively and none (float32) elsewhere; any other value is kept."""
+    if amp != "auto":
+        return amp
+    return "bf16" if native_bf16(device) else "none"
 
 
 def check_amp(amp, device):
     if amp == "fp16" and device.type != "cuda":
         raise UserError(f"--amp fp16 needs a CUDA device (it uses a gradient scaler); use --amp bf16 on {device.type}")
+    if amp == "auto":
+        raise ValueError("resolve --amp auto first (aemc.speed.resolve_amp)")
     if amp == "bf16" and device.type == "cuda" and not native_bf16(device):
         major, minor = torch.cuda.get_device_capability(device)
         raise UserError(f"--amp bf16: {torch.cuda.get_device_name(device)} ({device}, compute capability "

@@ -36,9 +36,23 @@ def test_bf16_is_refused_on_gpus_without_native_bf16_checking_the_runs_device(mo
     speed.check_amp("bf16", torch.device("cuda:0"))   # native: fine
     speed.check_amp("fp16", torch.device("cuda:1"))   # fp16 is what the message suggests
     speed.check_amp("bf16", torch.device("cpu"))      # the CPU is not asked at all
-    assert speed.default_amp(torch.device("cuda:1")) == "fp16"
-    assert speed.default_amp(torch.device("cuda:0")) == "bf16"
-    assert speed.default_amp(torch.device("cpu")) == "none"
+    # --amp auto: bf16 where native, float32 elsewhere (never fp16: it needs a scaler and can overflow)
+    assert speed.resolve_amp("auto", torch.device("cuda:0")) == "bf16"
+    assert speed.resolve_amp("auto", torch.device("cuda:1")) == "none"
+    assert speed.resolve_amp("fp16", torch.device("cuda:1")) == "fp16"  # what the user says is kept
+
+
+@pytest.mark.parametrize("avx512_bf16,amx,expected", [(False, False, "none"), (True, False, "bf16"),
+                                                      (False, True, "bf16"), (True, True, "bf16")])
+def test_amp_auto_on_the_cpu_is_bf16_only_with_avx512_bf16_or_amx(monkeypatch, avx512_bf16, amx, expected):
+    monkeypatch.delenv("AEMC_NATIVE_BF16", raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert speed.resolve_amp("auto", torch.device("cpu")) == expected
+    assert speed.resolve_amp("none", torch.device("cpu")) == "none"
+    assert speed.resolve_amp("auto", torch.device("mps")) == "none"
+    monkeypatch.setenv("AEMC_NATIVE_BF16", "0")  # the override the test suite runs under
+    assert speed.resolve_amp("auto", torch.device("cpu")) == "none"
 
 
 class FakeCudaRNG:

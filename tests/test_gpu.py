@@ -215,7 +215,7 @@ def test_a_compiled_evaluator_walks_a_curve_without_recompiling_per_point():
 
 
 def test_the_scripts_run_on_the_gpu(tmp_path):
-    amp = speed.default_amp(torch.device("cuda"))  # bf16 where it is native
+    amp = speed.resolve_amp("auto", torch.device("cuda"))  # bf16 where it is native
     train_main("--dir", tmp_path / "a", *TINY_GPU, "--epochs", "1", "--seed", "1")
     train_main("--dir", tmp_path / "b", *TINY_GPU, "--epochs", "1", "--seed", "2", "--conv_init", "kaiming_normal")
     ends = [str(tmp_path / r / "checkpoint-1.pt") for r in ("a", "b")]

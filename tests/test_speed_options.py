@@ -51,12 +51,19 @@ def test_bf16_and_channels_last_forward_losses_match_fp32(curve):
 
 
 @pytest.mark.slow
-def test_training_with_fast_options_stays_close_to_fp32(tmp_path):
+def test_training_with_fast_options_stays_close_to_fp32(tmp_path, monkeypatch):
     logs = {}
     for name, extra in {"fp32": [], "bf16": ["--amp", "bf16"], "cl": ["--channels_last"],
-                        "both": ["--amp", "bf16", "--channels_last"]}.items():
+                        "both": ["--amp", "bf16", "--channels_last"], "auto_native": []}.items():
+        if name == "auto_native":  # the default --amp auto on a CPU with AVX512-BF16 or AMX
+            monkeypatch.setenv("AEMC_NATIVE_BF16", "1")
         train_main("--dir", tmp_path / name, *TINY, "--epochs", "2", *extra)
         logs[name] = read_log(tmp_path / name)
+    # auto is float32 where bf16 is not native (the suite's setting) and bf16 where it is, as recorded
+    for name, amp in (("fp32", "none"), ("auto_native", "bf16")):
+        assert checkpoints.load(str(tmp_path / name / "checkpoint-2.pt")).settings.speed.amp == amp
+    strip = lambda log: [{k: r[k] for k in ("train_loss", "test_loss")} for r in log]  # noqa: E731
+    assert strip(logs["auto_native"]) == strip(logs["bf16"])
     for epoch in range(2):
         ref = logs["fp32"][epoch]
         assert logs["cl"][epoch]["train_loss"] == pytest.approx(ref["train_loss"], rel=DROPOUT_RTOL)
