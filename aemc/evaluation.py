@@ -157,6 +157,7 @@ class PointEvaluator:
         self.train_batches, self.test_batches = train_batches, test_batches
         self.loss_fns, self.image_metrics = loss_fns, image_metrics
         self.bn_batches, self.samples, self.prior = bn_batches, samples, prior
+        self.done = {}  # fingerprint of theta -> its results: a point two paths share is evaluated once
 
     @torch.no_grad()
     def load(self, theta):
@@ -194,6 +195,10 @@ class PointEvaluator:
         """{"train_<loss>": float, ..., "test_<metric>": float, ["recons": (K, 3, 64, 64) on the CPU]}.
         `on_test_batch(x, out)` sees every test batch and the point's reconstructions of it;
         `repair_targets` ({layer: (mean, std)}) applies REPAIR at this point (aemc.repair)."""
+        plain = on_test_batch is None and repair_targets is None
+        key = fingerprint(theta) if plain else None
+        if key in self.done:  # e.g. a curve's ends, which are its segment's ends too
+            return dict(self.done[key])
         self.load(theta)
         repair.disable(self.module)
         self.estimate_bn()
@@ -209,8 +214,19 @@ class PointEvaluator:
         if self.prior is not None:  # a VAE's decodings of fixed draws from its prior
             with torch.no_grad(), autocast(self.train_batches.device, self.amp):
                 result["prior_decodes"] = self.module.decode(self.prior).float().cpu()
+        if plain:
+            self.done[key] = dict(result)
         return result
 
+
+def fingerprint(theta):
+    """A digest of a set of weights ({name: tensor}): equal exactly when every value is."""
+    import hashlib
+    digest = hashlib.blake2b(digest_size=16)
+    for name in sorted(theta):
+        digest.update(name.encode())
+        digest.update(theta[name].detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 class Session:

@@ -352,3 +352,29 @@ def test_layerwise_paths_interpolate_one_group_and_keep_the_rest(ends, tmp_path)
     enc, dec = paths[PathKey("layerwise", group="encoder")], paths[PathKey("layerwise", group="decoder")]
     assert enc["length"] ** 2 + dec["length"] ** 2 == pytest.approx(whole["length"] ** 2, rel=1e-5)
     assert os.path.isfile(result["files"]["layerwise_plot"])
+
+
+def test_a_point_two_paths_share_is_evaluated_once(monkeypatch):
+    from aemc import evaluation
+    torch.manual_seed(0)
+    a, b = Autoencoder(in_filters=4, latent_dim=8), Autoencoder(in_filters=4, latent_dim=8)
+    images = synthetic_faces(48)
+    evaluator = PointEvaluator(a, TensorLoader(images[:32], 16).ordered(), TensorLoader(images[32:], 16),
+                               {"l1": torch.nn.L1Loss()}, samples=to_float(images[:2]))
+    estimates = []
+    real = evaluation.update_bn
+    monkeypatch.setattr(evaluation, "update_bn", lambda *args, **kw: estimates.append(1) or real(*args, **kw))
+    from models.curves import Bezier
+    curve, segment = connect(a, b, Bezier, 3), connect(a, b)
+    with torch.no_grad():
+        curve.bend_parameters(next(iter(curve.names)))[1].add_(1.0)  # a middle bend off the segment
+    ts = [0.0, 0.5, 1.0]
+    on_curve, on_segment = walk(curve, ts, evaluator, verbose=False), walk(segment, ts, evaluator, verbose=False)
+    assert len(estimates) == 4  # 3 points of the curve, and only the segment's middle: its ends are the curve's
+    for i in (0, 2):
+        assert on_segment["test_l1"][i] == on_curve["test_l1"][i]
+        assert torch.equal(on_segment["recons"][i], on_curve["recons"][i])
+    assert on_segment["test_l1"][1] != on_curve["test_l1"][1]
+    # a callback on the test batches, or REPAIR, always evaluates
+    evaluator(curve.weights(0.0), on_test_batch=lambda x, out: None)
+    assert len(estimates) == 5
