@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 import dataset
-from aemc import checkpoints, distributed, reports
+from aemc import checkpoints, distributed, reports, tracking
 from aemc.alignment import align_to
 from aemc.cli import ArgParser, positive, run_cli
 from aemc.ensembles import EndEnsembles
@@ -70,6 +70,7 @@ def get_args_parser():
     p.add_argument("--seed", type=int, default=1)
     add_align_args(p)
     dataset.add_data_args(p, inherit=True)
+    tracking.add_tracking_args(p)
     return p
 
 
@@ -138,6 +139,7 @@ def main(args):
     torchrun: on rank 0; the other ranks return None)."""
     if args.num_points < 2:
         raise UserError(f"--num_points must be at least 2 (both ends), got {args.num_points}")
+    tracking.check_wandb(args)
     if args.connect == "LAYERWISE" and (args.ensemble or args.repair):
         raise UserError("--connect LAYERWISE takes no --ensemble or --repair")
     session = open_session(args)
@@ -193,6 +195,9 @@ def main(args):
         extra=dict(processes=processes, walk_seconds=walk_seconds), ensemble=args.ensemble)
     for key in results:  # the report holds everything now
         os.remove(f"{base}-{key.name}.partial.npz")
+    trackers = tracking.open_trackers(args, session.out_dir, settings, "eval_curve", name=os.path.basename(base))
+    tracking.log_walks(trackers, results, files, ratio)
+    tracking.close(trackers)
     print("outputs:\n  " + "\n  ".join(files.values()))
     return {"paths": results, "files": files}
 

@@ -16,7 +16,7 @@ import os
 
 import dataset
 import trainer
-from aemc import checkpoints, distributed, reports, speed
+from aemc import checkpoints, distributed, reports, speed, tracking
 from aemc.cli import ArgParser, positive, run_cli
 from aemc.ensembles import Ensemble, member_state, score_ensembles
 from aemc.errors import UserError
@@ -46,6 +46,7 @@ def get_args_parser():
     add_evaluation_args(p, "also LPIPS (AlexNet) in the ensemble table",
                         "training batches for each snapshot's BatchNorm re-estimation in the table", loss=False)
     dataset.add_data_args(p, inherit=True)
+    tracking.add_tracking_args(p)
     return p
 
 
@@ -68,6 +69,7 @@ def main(args):
     if not snapshots_at:
         raise UserError(f"--epochs {args.epochs} ends before the first mid-cycle ({args.cycle // 2}): no snapshot")
     distributed.refuse_several("fge.py")
+    tracking.check_wandb(args)
     allow_architecture(args)
     device = resolve_device(args.device)
     resume = checkpoints.load(args.resume, kind="autoencoder", flag="--resume") if args.resume else None
@@ -108,6 +110,8 @@ def main(args):
             checkpoints.save(run.file(f"snapshot-{epoch}.pt"),
                              checkpoints.autoencoder(model, source.architecture, settings, epoch, source=origin))
 
+    trackers = tracking.open_trackers(args, args.dir, {**settings.to_dict(), "architecture":
+                                                       source.architecture.to_dict()}, "fge")
     if epoch < args.epochs:
         trainer.fit(model=model, runner=runner, optimizer=optimizer, loss_fn=loss_fn, train_loader=train_loader,
                     test_loader=test_loader, run=run, epochs=args.epochs, checkpoint=state.checkpoint,
@@ -117,8 +121,15 @@ def main(args):
                                                                            cycle.lr_2),
                     start_epoch=epoch, position=position, noise_std=settings.training.noise_std,
                     amp=settings.speed.amp, scaler=scaler, save_freq=args.cycle, save_final=True,
-                    on_epoch_end=snapshot)
-    return score_snapshots(run, snapshots_at, model, train_loader, test_loader, settings, evaluation, lpips, device)
+                    on_epoch_end=snapshot, trackers=trackers)
+    result = score_snapshots(run, snapshots_at, model, train_loader, test_loader, settings, evaluation, lpips, device)
+    for tracker in trackers:
+        tracker.table("ensembles", ["ensemble", "members", "member_mean_loss", "ensemble_loss", "gain_loss"],
+                      [[name, len(row["keys"]), row["member_mean"]["loss"], row["ensemble"]["loss"],
+                        row["gain"]["loss"]] for name, row in result["table"].items()])
+        tracker.media({"ensembles_plot": result["files"]["plot"]})
+    tracking.close(trackers)
+    return result
 
 
 def score_snapshots(run, snapshots_at, model, train_loader, test_loader, settings, evaluation, lpips, device):

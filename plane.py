@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 import dataset
-from aemc import checkpoints, distributed, reports, resumable
-from aemc.barriers import barriers, higher_is_better
+from aemc import checkpoints, distributed, reports, resumable, tracking
+from aemc.barriers import NAMES, barriers, higher_is_better
 from aemc.cli import ArgParser, positive, run_cli
 from aemc.errors import UserError
 from aemc.files import file_digest, output_stem
@@ -58,6 +58,7 @@ def get_args_parser():
                    help="REPAIR at every grid point: the layers no BatchNorm follows get the statistics of the three "
                         "corners weighted by the point's position (on the segment: Jordan et al.'s interpolation)")
     dataset.add_data_args(p, inherit=True)
+    tracking.add_tracking_args(p)
     return p
 
 
@@ -117,6 +118,7 @@ def settings(args, session, sources):
 def main(args):
     """Evaluate the plane; returns {"metrics": {name: G x G array}, "geometry": {...}, "files": {...}}
     (under torchrun: on rank 0; the other ranks return None)."""
+    tracking.check_wandb(args)
     if args.grid_points < 2:
         raise UserError(f"--grid_points must be at least 2, got {args.grid_points}")
     session = open_session(args)
@@ -180,6 +182,13 @@ def main(args):
         print(f"  {key:12s} min {finite.min():.5f}  max {finite.max():.5f}"
               + (f"  ({values.size - finite.size} diverged points)" if finite.size < values.size else ""))
     print(f"{time.time() - started:.1f}s; outputs:\n  " + "\n  ".join(files.values()))
+    trackers = tracking.open_trackers(args, os.path.dirname(base), {"flags": vars(args)}, "plane",
+                                      name=os.path.basename(base))
+    for tracker in trackers:
+        tracker.media({role: path for role, path in files.items() if path.endswith(".png")})
+        tracker.table("path_barriers", ["path", "metric", *NAMES],
+                      [[path, key, *(b[n] for n in NAMES)] for path, by in along.items() for key, b in by.items()])
+    tracking.close(trackers)
     return {"metrics": metrics, "geometry": geometry, "files": files}
 
 

@@ -16,13 +16,11 @@ stale). At the end: <dir>/results.md, results.csv and loss_grid.png.
 import argparse
 import dataclasses
 import os
-import subprocess
-import sys
 import time
 
-from aemc import architectures, distributed, studies, study_tables
+from aemc import architectures, distributed, scheduling, studies, study_tables, tracking
 from aemc.cli import ArgParser, positive, run_cli
-from aemc.errors import Interrupted, UserError
+from aemc.errors import UserError
 from aemc.losses import LOSSES
 from models.autoencoder import INITS, NORMS
 from models.curves import curve_name
@@ -73,6 +71,20 @@ def get_args_parser():
     p.add_argument("--lpips", action=argparse.BooleanOptionalAction, default=None,
                    help="LPIPS in the evaluations (preset: on for small and paper)")
     p.add_argument("--print_commands", action="store_true", help="print the stages' command lines, run nothing")
+    g = p.add_argument_group("where the stages run (docs/distributed.md)")
+    g.add_argument("--executor", choices=("local", "slurm"), default="local",
+                   help="local: on this machine; slurm: a SLURM job per stage, with the stages it reads as "
+                        "dependencies (through submitit)")
+    g.add_argument("--max_parallel", type=positive(int), default=1,
+                   help="local: stages at once (1: one after another, output in this terminal)")
+    g.add_argument("--no_wait", action="store_true", help="slurm: submit and exit (rerun later to record and tabulate)")
+    for name, kind, what in (("partition", str, "partition"), ("gpus_per_node", positive(int), "GPUs per job "
+                             "(training and evaluation stages run under torchrun on all of them)"),
+                             ("time", positive(int), "time limit per job, minutes"),
+                             ("cpus_per_task", positive(int), "CPUs per job"),
+                             ("mem_gb", positive(int), "memory per job, GB"),
+                             ("account", str, "account"), ("qos", str, "quality of service")):
+        g.add_argument(f"--slurm_{name}", type=kind, default=None, help=what)
     g = p.add_argument_group("overrides of the preset")
     for name, kind in (("epochs", positive(int)), ("curve_epochs", positive(int)), ("num_points", positive(int)),
                        ("grid_points", positive(int)), ("max_images", positive(int)), ("batch_size", positive(int)),
@@ -86,6 +98,7 @@ def get_args_parser():
     g.add_argument("--amp", choices=("auto", "none", "bf16", "fp16"), default=None)
     for name in ("channels_last", "compile", "no_gpu_data"):
         g.add_argument(f"--{name}", action="store_true")
+    tracking.add_tracking_args(p)
     return p
 
 
@@ -100,10 +113,23 @@ def settings_from(args):
     return settings
 
 
+def slurm_options(args):
+    """submitit's SLURM parameters from the --slurm_* flags given."""
+    options = {name: getattr(args, f"slurm_{name}") for name in ("partition", "gpus_per_node", "time",
+                                                                 "cpus_per_task", "account", "qos")
+               if getattr(args, f"slurm_{name}") is not None}
+    if args.slurm_mem_gb is not None:
+        options["mem"] = f"{args.slurm_mem_gb}GB"
+    return options
+
+
 def main(args):
     distributed.refuse_several("study.py")
     settings = settings_from(args)
     architectures.allow(settings.arch)
+    tracking.check_wandb(args)
+    logging = tracking.wandb_flags(args) + (["--wandb_group", args.wandb_group or os.path.basename(
+        os.path.abspath(args.dir))] if args.wandb else [])
     stages = studies.plan(args.dir, settings)
     if args.print_commands:
         for stage in stages:
@@ -112,25 +138,39 @@ def main(args):
     os.makedirs(args.dir, exist_ok=True)
     state = studies.StudyState(args.dir)
     started = time.time()
-    for number, stage in enumerate(stages, start=1):
+    number = {stage.name: i for i, stage in enumerate(stages, start=1)}
+    todo = {}
+    for stage in stages:
         status = state.check(stage)
         if status == "done":
-            print(f"[{number}/{len(stages)}] {stage.name}: done, kept")
-            continue
-        argv = stage.argv + (["--resume", stage.resume] if status == "resume" else [])
-        print(f"[{number}/{len(stages)}] {stage.name}: {'resuming' if status == 'resume' else 'running'} "
-              f"python {' '.join(argv)}", flush=True)
-        state.started(stage)
-        code = subprocess.run([sys.executable, os.path.join(ROOT, argv[0]), *argv[1:]]).returncode
-        if code == 130:
-            raise Interrupted(f"interrupted in stage '{stage.name}'; rerun the same command to continue")
-        if code != 0:
-            raise UserError(f"stage '{stage.name}' failed (exit {code}; its message is above); finished stages "
-                            "are kept: fix the cause and rerun the same command")
-        state.finished(stage)
+            print(f"[{number[stage.name]}/{len(stages)}] {stage.name}: done, kept")
+        else:
+            todo[stage.name] = status
+
+    def log(name, message):
+        print(f"[{number[name]}/{len(stages)}] {name}: {message}", flush=True)
+    if todo and args.executor == "slurm":
+        jobs = scheduling.submit_slurm(stages, todo, state, ROOT, slurm_options(args), log=log, tracking=logging)
+        if args.no_wait:
+            print(f"{len(jobs)} stages submitted to SLURM; rerun the same command (without --no_wait) once they "
+                  "have ended to record them and write the table")
+            return {"stages": stages, "jobs": jobs}
+        scheduling.report_failures(scheduling.wait_slurm(jobs, stages, state, log=log))
+    elif todo:
+        scheduling.report_failures(scheduling.run_local(stages, todo, state, ROOT, args.max_parallel, log=log,
+                                                        tracking=logging))
     rows = study_tables.results(args.dir, settings)
     files = study_tables.write_tables(args.dir, rows)
     files["figure"] = study_tables.write_figure(args.dir, settings, rows)
+    if args.wandb:  # the table, in the study's group
+        args.wandb_group = args.wandb_group or os.path.basename(os.path.abspath(args.dir))
+        trackers = tracking.open_trackers(args, args.dir, dataclasses.asdict(settings), "study", name="results")
+        with open(files["csv"]) as f:
+            header, *lines = [line.strip().split(",") for line in f if line.strip()]
+        for tracker in trackers:
+            tracker.table("results", header, lines)
+            tracker.media({"figure": files["figure"]})
+        tracking.close(trackers)
     print(open(files["md"]).read())
     print(f"study done in {time.time() - started:.0f}s: " + ", ".join(files.values()))
     return {"stages": stages, "rows": rows, "files": files}

@@ -15,12 +15,11 @@ epoch (and on Ctrl-C, mid-epoch), checkpoint-<epoch>.pt every --save_freq epochs
 Losses are computed on images in [-1, 1].
 """
 import argparse
-import os
 from dataclasses import asdict
 
 import dataset
 import trainer
-from aemc import architectures, checkpoints, distributed, speed
+from aemc import architectures, checkpoints, distributed, speed, tracking
 from aemc.alignment import align_to
 from aemc.cli import ArgParser, json_object, positive, run_cli
 from aemc.errors import UserError, warn
@@ -48,7 +47,6 @@ def get_args_parser():
     g.add_argument("--save_init", action="store_true",
                    help="also write checkpoint-0.pt, the state before the first step (spawn.py starts from it)")
     g.add_argument("--verbose", action="store_true", help="print the model and the configuration")
-    g.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard (if installed)")
     g = dataset.add_data_args(p)
     g.add_argument("--noise_std", type=float, default=Training.noise_std, help="denoising input noise std (0: off)")
     g = p.add_argument_group("model and loss (default: from the checkpoint, else the original's)")
@@ -97,6 +95,7 @@ def get_args_parser():
                    help="connect the start to the end with the end's units permuted to match the start's "
                         "(see align.py; the curve records the permutations)")
     add_align_args(p)
+    tracking.add_tracking_args(p, tensorboard=True)
     return p
 
 
@@ -207,20 +206,9 @@ def build_curve(args, resume, train_loader, data_shape):
     return net, arch, cfg
 
 
-def open_tensorboard(args):
-    if not args.tensorboard:
-        return None
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        warn("note: --tensorboard needs the tensorboard package (pip install tensorboard); "
-             "logging to log.jsonl only")
-        return None
-    return SummaryWriter(log_dir=os.path.join(args.dir, "tensorboard"))
-
-
 def main(args):
     architectures.allow(args.arch)  # a factory of the user's own, named on this command line
+    tracking.check_wandb(args)
     device = distributed.setup(resolve_device(args.device))
     several = distributed.world() > 1
     resume = checkpoints.load(args.resume, flag="--resume") if args.resume else None
@@ -302,7 +290,11 @@ def main(args):
         test_loss = evaluate(midpoint, test_loader, {"loss": loss_fn}, amp=settings.speed.amp)["loss"]
         return test_loss, {"test_loss_at": "t=0.5"}, midpoint
 
-    writer = open_tensorboard(args) if run is not None else None
+    trackers = tracking.open_trackers(
+        args, args.dir, {**settings.to_dict(), "architecture": arch.to_dict(),
+                         "curve": {k: curve_config[k] for k in ("curve", "num_bends", "fix_start", "fix_end")}
+                         if is_curve else None},
+        "curve" if is_curve else "train") if run is not None else []
     trainer.fit(model=model, runner=runner, optimizer=optimizer, loss_fn=loss_fn, train_loader=train_loader,
                 test_loader=test_loader, run=run, epochs=args.epochs, checkpoint=state.checkpoint,
                 evaluate=evaluate_epoch,
@@ -310,9 +302,8 @@ def main(args):
                 start_epoch=epoch, position=position, noise_std=args.noise_std, curve_wd=curve_wd,
                 beta=settings.loss.beta,
                 amp=settings.speed.amp, scaler=scaler, save_freq=args.save_freq, save_final=args.save_final,
-                writer=writer)
-    if writer is not None:
-        writer.close()
+                trackers=trackers)
+    tracking.close(trackers)
     distributed.shutdown()
     print(f"done: checkpoints in {args.dir}")
 

