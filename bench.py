@@ -239,7 +239,10 @@ def bench_eval_point(cfg, device):
                 model(x)
 
     def point(evaluator):
-        return lambda: walk(curve, [0.5], evaluator, "bench", verbose=False)
+        def run():
+            evaluator.done.clear()  # the same weights every time: evaluate them, not their cached results
+            walk(curve, [0.5], evaluator, "bench", verbose=False)
+        return run
 
     corners = [Autoencoder(in_filters=cfg["eval_filters"]) for _ in range(3)]
     plane = Plane(*(vector(m) for m in corners))
@@ -248,6 +251,7 @@ def bench_eval_point(cfg, device):
     counter = itertools.count()
 
     def plane_point():  # a fresh sweep file each time, so the point is never "already done"
+        plane_evaluator.done.clear()
         resumable.run(os.path.join(files, f"{next(counter)}.npz"), {}, [(0.3 * plane.dx, 0.6 * plane.dy)],
                   lambda xy: plane_evaluator(plane.weights(*xy, layout, device)), verbose=False)
     t = interleaved({"bare": bare, "point": point(plain), "point_lpips": point(with_lpips),

@@ -103,6 +103,9 @@ def add_evaluation_args(parser, lpips_help, bn_help="training batches for BatchN
     parser.add_argument("--lpips", action="store_true", help=lpips_help)
     parser.add_argument("--lpips_weights", default=None, help="AlexNet weights file for LPIPS (see docs/usage.md)")
     parser.add_argument("--bn_batches", type=positive(int), default=None, help=f"{bn_help} (default: all)")
+    parser.add_argument("--train_batches", type=positive(int), default=None,
+                        help="the training split's losses on its first N batches, the same at every point "
+                             "(default: all; the test split is always evaluated whole)")
     if loss:
         add_loss_args(parser)
     add_device_arg(parser)
@@ -111,7 +114,8 @@ def add_evaluation_args(parser, lpips_help, bn_help="training batches for BatchN
 
 
 def evaluation_settings(args):
-    return Evaluation(bn_batches=args.bn_batches, lpips=args.lpips, lpips_weights=args.lpips_weights)
+    return Evaluation(bn_batches=args.bn_batches, train_batches=args.train_batches, lpips=args.lpips,
+                      lpips_weights=args.lpips_weights)
 
 
 def open_session(args):

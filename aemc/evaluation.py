@@ -12,6 +12,7 @@ Example::
     >>> evaluator(curve.weights(0.5))          # {"train_loss": ..., "test_loss": ...}
 """
 import copy
+import itertools
 
 import torch
 from torch import nn
@@ -25,8 +26,9 @@ from aemc.speed import accumulator_dtype, autocast, configure, prepare_model
 
 
 @torch.no_grad()
-def evaluate(model, loader, loss_fns, image_metrics=None, amp="none", on_batch=None):
-    """Mean of each loss over all images of `loader` (clean inputs, eval mode): {name: float}.
+def evaluate(model, loader, loss_fns, image_metrics=None, amp="none", on_batch=None, num_batches=None):
+    """Mean of each loss over all images of `loader` (its first `num_batches` batches when given;
+    clean inputs, eval mode): {name: float}.
 
     `image_metrics` ({name: fn(output, input) -> one value per image}, e.g. LPIPS) are computed
     in the same pass and averaged over images (not over batches). With `amp` only the model's
@@ -36,7 +38,9 @@ def evaluate(model, loader, loss_fns, image_metrics=None, amp="none", on_batch=N
     model.eval()
     fns = {**loss_fns, **(image_metrics or {})}
     sums = {name: torch.zeros((), device=loader.device, dtype=accumulator_dtype(loader.device)) for name in fns}
-    for x in loader:
+    count = 0
+    for x in (loader if num_batches is None else itertools.islice(loader, num_batches)):
+        count += len(x)
         with autocast(loader.device, amp):
             out, posterior = split_output(model(x))
         out = out.float()
@@ -52,7 +56,7 @@ def evaluate(model, loader, loss_fns, image_metrics=None, amp="none", on_batch=N
                 sums.setdefault(name, torch.zeros_like(sums["loss"]))
             sums["kl"] += kl.sum()
             sums["elbo_loss"] += kl.sum() + loss_fns["loss"](out, x).detach() * len(x)
-    return {name: (s / loader.num_images).item() for name, s in sums.items()}
+    return {name: (s / count).item() for name, s in sums.items()}
 
 
 def parameter_vector(model):
@@ -148,7 +152,8 @@ class PointEvaluator:
     """
 
     def __init__(self, template, train_batches, test_batches, loss_fns, image_metrics=None,
-                 bn_batches=None, speed=Speed(), samples=None, repair_layers=None, prior=None):
+                 bn_batches=None, speed=Speed(), samples=None, repair_layers=None, prior=None,
+                 train_eval_batches=None):
         self.module = copy.deepcopy(template).to(train_batches.device)
         if repair_layers:
             repair.install(self.module, repair_layers)
@@ -157,6 +162,7 @@ class PointEvaluator:
         self.train_batches, self.test_batches = train_batches, test_batches
         self.loss_fns, self.image_metrics = loss_fns, image_metrics
         self.bn_batches, self.samples, self.prior = bn_batches, samples, prior
+        self.train_eval_batches = train_eval_batches
         self.done = {}  # fingerprint of theta -> its results: a point two paths share is evaluated once
 
     @torch.no_grad()
@@ -204,7 +210,8 @@ class PointEvaluator:
         self.estimate_bn()
         if repair_targets is not None:
             self.repair(repair_targets)
-        train = evaluate(self.runner, self.train_batches, self.loss_fns, amp=self.amp)
+        train = evaluate(self.runner, self.train_batches, self.loss_fns, amp=self.amp,
+                         num_batches=self.train_eval_batches)
         test = evaluate(self.runner, self.test_batches, self.loss_fns, self.image_metrics, amp=self.amp,
                         on_batch=on_test_batch)
         result = {**{"train_" + k: v for k, v in train.items()}, **{"test_" + k: v for k, v in test.items()}}
@@ -265,7 +272,8 @@ class Session:
         decoding the latent codes `prior`, see prior_samples)."""
         return PointEvaluator(template, self.train_loader.ordered(), self.test_loader, self.loss_fns,
                               self.image_metrics if image_metrics else None, self.evaluation.bn_batches,
-                              speed=self.speed, samples=samples, repair_layers=repair_layers, prior=prior)
+                              speed=self.speed, samples=samples, repair_layers=repair_layers, prior=prior,
+                              train_eval_batches=self.evaluation.train_batches)
 
 
 @torch.no_grad()

@@ -89,6 +89,7 @@ class Cycle:
 class Evaluation:
     """How a set of weights is evaluated."""
     bn_batches: Optional[int] = None  # BatchNorm re-estimated on the first N training batches (None: all)
+    train_batches: Optional[int] = None  # the training split's metrics on its first N batches (None: all)
     lpips: bool = False
     lpips_weights: Optional[str] = None
 

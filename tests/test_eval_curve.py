@@ -378,3 +378,19 @@ def test_a_point_two_paths_share_is_evaluated_once(monkeypatch):
     # a callback on the test batches, or REPAIR, always evaluates
     evaluator(curve.weights(0.0), on_test_batch=lambda x, out: None)
     assert len(estimates) == 5
+
+
+def test_train_batches_caps_the_training_split_to_its_first_batches():
+    torch.manual_seed(0)
+    model = Autoencoder(in_filters=4, latent_dim=8).eval()
+    loader = TensorLoader(synthetic_faces(50), 16)  # batches of 16, 16, 16 and 2
+    l1 = {"l1": torch.nn.L1Loss(reduction="mean")}
+    with torch.no_grad():
+        first_two = torch.cat([model(x) - x for x in list(loader.ordered())[:2]]).abs().mean().item()
+        everything = torch.cat([model(x) - x for x in loader.ordered()]).abs().mean().item()
+    assert evaluate(model, loader.ordered(), l1, num_batches=2)["l1"] == pytest.approx(first_two, rel=1e-5)
+    assert evaluate(model, loader.ordered(), l1)["l1"] == pytest.approx(everything, rel=1e-5)
+    assert first_two != pytest.approx(everything, rel=1e-4)
+    parsed = eval_curve.get_args_parser().parse_args(["--ckpt", "c.pt", "--train_batches", "10"])
+    from utils import evaluation_settings
+    assert evaluation_settings(parsed).train_batches == 10
