@@ -28,26 +28,30 @@ def dependencies(stages):
     for i, stage in enumerate(stages):
         needs = []
         for earlier in stages[:i]:
-            folder = os.path.dirname(earlier.output)
-            writes = (lambda path, e=earlier, d=folder: path == e.output or
-                      (e.resume is not None and os.path.dirname(path) == d))
-            if any(writes(path) for path in stage.inputs):
+            folder = os.path.dirname(earlier.output)  # a training stage writes all its run folder holds
+            if any(path == earlier.output or (earlier.resume is not None and os.path.dirname(path) == folder)
+                   for path in stage.inputs):
                 needs.append(earlier.name)
         deps[stage.name] = needs
     return deps
 
 
-def run_stage(argv, root, gpus=1):
+def run_stage(argv, root, gpus=1, log_path=None):
     """Run one stage's command line (a script of the project and its flags) from the project's
     folder `root`; under torchrun with `gpus` processes when there are several and the script
-    supports it. Returns the exit status (the job's result under submitit)."""
+    supports it; its output appended to `log_path` when given (stages running side by side).
+    Returns the exit status (the job's result under submitit)."""
     script = os.path.join(root, argv[0])
     if gpus > 1 and argv[0] in TORCHRUN_SCRIPTS:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}",
                    script, *argv[1:]]
     else:
         command = [sys.executable, script, *argv[1:]]
-    return subprocess.run(command, cwd=os.getcwd()).returncode
+    if log_path is None:
+        return subprocess.run(command).returncode
+    os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    with open(log_path, "a") as f:
+        return subprocess.run(command, stdout=f, stderr=subprocess.STDOUT).returncode
 
 
 def stage_argv(stage, status, tracking=()):
@@ -89,7 +93,7 @@ def run_local(stages, todo, state, root, max_parallel=1, poll=0.2, log=None, tra
                     code = run_stage(argv, root)
                     _ended(name, code, stage, state, failed, log)
                 else:
-                    running[name] = executor.submit(_logged_stage, argv, root,
+                    running[name] = executor.submit(run_stage, argv, root, 1,
                                                     os.path.join(state.root, "logs", f"{_file_name(name)}.log"))
             for name, job in list(running.items()):
                 if job.done():
@@ -121,14 +125,6 @@ def _ended(name, code, stage, state, failed, log):
     else:
         failed[name] = f"exit {code}" if isinstance(code, int) else code
         log(name, f"FAILED ({failed[name]})")
-
-
-def _logged_stage(argv, root, log_path):
-    """run_stage with the stage's output in its own log file (stages running side by side)."""
-    os.makedirs(os.path.dirname(log_path), exist_ok=True)
-    with open(log_path, "a") as f:
-        script = os.path.join(root, argv[0])
-        return subprocess.run([sys.executable, script, *argv[1:]], stdout=f, stderr=subprocess.STDOUT).returncode
 
 
 def _file_name(name):
