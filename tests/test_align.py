@@ -128,6 +128,7 @@ def aligned_file(ends, tmp_path_factory):
     return str(out), r.stdout
 
 
+@pytest.mark.slow
 def test_align_writes_an_endpoint_that_computes_the_same_function_closer_to_the_start(ends, aligned_file):
     out, stdout = aligned_file
     (a, _), (b, _) = [checkpoints.load_endpoint(p, "end") for p in ends]
@@ -146,6 +147,7 @@ def test_align_writes_an_endpoint_that_computes_the_same_function_closer_to_the_
     assert "||A - B||" in stdout and "sweep 1" in stdout
 
 
+@pytest.mark.slow
 def test_eval_curve_walks_the_raw_and_the_aligned_segment(ends, aligned_file, tmp_path):
     out, _ = aligned_file
     result = eval_curve.main(eval_curve.get_args_parser().parse_args(
@@ -164,6 +166,7 @@ def test_eval_curve_walks_the_raw_and_the_aligned_segment(ends, aligned_file, tm
     assert os.path.isfile(result["files"]["aligned_segment_gif"])
 
 
+@pytest.mark.slow
 def test_a_curve_trained_with_align_ends_at_the_aligned_endpoint_and_check_ends_knows(ends, aligned_file, tmp_path):
     out, _ = aligned_file
     train_main(*curve_argv(tmp_path, ends, "--epochs", "1", "--align"))
@@ -181,6 +184,7 @@ def test_a_curve_trained_with_align_ends_at_the_aligned_endpoint_and_check_ends_
     assert set(walked["paths"]) == {PathKey("curve", "Bezier", 3, aligned=True), PathKey("segment", aligned=True)}
 
 
+@pytest.mark.slow
 def test_bad_input_is_one_clear_line(ends, trained_curve, tmp_path):
     train_main("--dir", tmp_path / "wide", *DATA, "--in_filters", "8", "--latent_dim", "8", "--epochs", "1")
     blocker = tmp_path / "file"

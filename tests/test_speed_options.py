@@ -121,6 +121,7 @@ def test_fp16_needs_cuda(tmp_path):
         train_main("--dir", tmp_path, *TINY, "--amp", "fp16")
 
 
+@pytest.mark.slow
 def test_eval_curve_fast_options_match(trained_curve, tmp_path):
     ckpt = os.path.join(trained_curve, "checkpoint-last.pt")
     base = ["--ckpt", ckpt, "--num_points", "3", "--no_segment", "--device", "cpu", "--bn_batches", "4"]

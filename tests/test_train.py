@@ -36,6 +36,7 @@ def straight_run(tmp_path_factory):
     return run_dir
 
 
+@pytest.mark.slow
 def test_run_leaves_checkpoints_log_grid_and_command(straight_run):
     files = set(os.listdir(straight_run))
     assert {"checkpoint-1.pt", "checkpoint-2.pt", "checkpoint-last.pt", "log.jsonl",
@@ -58,6 +59,7 @@ def test_learning_rate_factors_are_garipovs_counted_from_one():
     assert trainer.learning_rate(0.1, 3, 4) == pytest.approx(0.001)  # the last epoch: 1%
 
 
+@pytest.mark.slow
 def test_checkpoint_rebuilds_the_model_and_reproduces_the_logged_test_loss(straight_run):
     ck = checkpoints.load(os.path.join(straight_run, "checkpoint-2.pt"))
     assert ck.kind == "autoencoder" and ck.epoch == 2
@@ -73,6 +75,7 @@ def test_checkpoint_rebuilds_the_model_and_reproduces_the_logged_test_loss(strai
     assert loss == pytest.approx(read_log(straight_run)[-1]["test_loss"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_training_lowers_the_loss(tmp_path, tiny_args):
     # enough steps (40 per epoch, two at the full rate) for BatchNorm's running statistics to settle
     train.main(tiny_args(tmp_path, "--epochs", "4", "--lr", "1e-3", "--max_images", "800", "--batch_size", "16"))
@@ -81,6 +84,7 @@ def test_training_lowers_the_loss(tmp_path, tiny_args):
     assert log[-1]["test_loss"] < log[0]["test_loss"]
 
 
+@pytest.mark.slow
 def test_resume_from_an_epoch_checkpoint_equals_the_straight_run(straight_run, tmp_path, tiny_args):
     dead = tmp_path / ".checkpoint-last.pt.tmp-999999999"  # left by a write killed half-way
     live = tmp_path / f".other.pt.tmp-{os.getppid()}"  # a writer that is still running
@@ -97,6 +101,7 @@ def test_resume_from_an_epoch_checkpoint_equals_the_straight_run(straight_run, t
     assert not dead.exists() and live.exists()
 
 
+@pytest.mark.slow
 def test_ctrl_c_mid_epoch_saves_a_checkpoint_that_resumes_exactly(straight_run, tmp_path, tiny_args, monkeypatch):
     def ctrl_c(call, loss):
         if call == 7:  # epoch 1: 4 train batches + 1 test batch; call 7 is the 2nd batch of epoch 2
@@ -131,6 +136,7 @@ def test_sgd_steps_are_momentum_steps_by_hand():
     assert torch.allclose(p.detach(), expected, rtol=1e-12)
 
 
+@pytest.mark.slow
 def test_sgd_trains_and_keeps_its_momentum_in_the_checkpoint(tmp_path, tiny_args):
     train.main(tiny_args(tmp_path, "--epochs", "3", "--optim_name", "SGD", "--lr", "0.2",
                          "--max_images", "800", "--batch_size", "16"))
@@ -176,6 +182,7 @@ def test_denoising_noises_the_input_only_and_scores_against_the_clean_image(nois
     assert abs(noise.mean().item()) < 2e-3
 
 
+@pytest.mark.slow
 def test_an_endpoint_trained_with_the_laplacian_loss_reports_that_loss(tmp_path, tiny_args):
     train.main(tiny_args(tmp_path, "--epochs", "1", "--loss_function", "laplacian", "--num_filters", "3"))
     ck = checkpoints.load(os.path.join(tmp_path, "checkpoint-last.pt"))
@@ -190,6 +197,7 @@ def test_an_endpoint_trained_with_the_laplacian_loss_reports_that_loss(tmp_path,
     assert logged == pytest.approx(pyramid, rel=1e-5) and logged != pytest.approx(l1, rel=1e-2)
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_args, monkeypatch):
     # calls 1-5 are epoch 1 (4 train batches, 1 test batch); from the 6th the loss is NaN
     hook_loss(monkeypatch, lambda call, loss: loss * float("nan") if call > 5 else loss)
@@ -200,6 +208,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny
     assert all(torch.isfinite(v).all() for v in ck.state_dict.values() if v.is_floating_point())
 
 
+@pytest.mark.slow
 def test_refuses_to_overwrite_a_run_and_checks_architecture_on_resume(straight_run, tmp_path, tiny_args):
     with pytest.raises(UserError, match="already holds a run"):
         train.main(tiny_args(straight_run, "--epochs", "2"))
@@ -294,6 +303,7 @@ def test_kill_9_at_any_moment_leaves_loadable_checkpoints(tmp_path):
     assert checkpoints.load(str(last)).epoch >= 2
 
 
+@pytest.mark.slow
 def test_tensorboard_logs_when_installed_and_says_so_when_not(tmp_path, tiny_args, capsys):
     train.main(tiny_args(tmp_path, "--epochs", "1", "--tensorboard"))
     try:
