@@ -28,7 +28,8 @@ def add_data_args(parser, inherit=False):
     g.add_argument("--num_workers", type=int, default=d("num_workers"),
                    help="processes decoding images for the cache (4)")
     g.add_argument("--image_size", type=positive(int), default=d("image_size"),
-                   help="synthetic, folder, celeba: the side of the square images (64)")
+                   help="the side of the square images (synthetic, folder, celeba: 64; mnist, fashion_mnist, cifar10: "
+                        "their own, or resized to this)")
     g.add_argument("--channels", type=int, choices=(1, 3), default=d("channels"),
                    help="synthetic, folder, celeba: 3 (RGB, default) or 1 (grey)")
     g.add_argument("--random_split", dest="native_split", action="store_false", default=None if inherit else True,

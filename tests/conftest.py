@@ -1,6 +1,7 @@
 import os
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -11,15 +12,17 @@ TINY = ["--dataset", "synthetic", "--max_images", "160", "--in_filters", "4", "-
         "--batch_size", "32", "--device", "cpu", "--num_workers", "0"]
 
 
-# Tests that train or run whole scripts are end-to-end ("slow"): every test using these fixtures is
-# marked so, and `make test-fast` (pytest -m "not slow") leaves them out.
+# Tests that train or run whole scripts are end-to-end: each is marked @pytest.mark.slow by hand
+# (make test-fast, pytest -m "not slow", leaves them out); one that uses these fixtures unmarked is
+# refused at collection, so none slips into the fast tier.
 END_TO_END_FIXTURES = {"ends", "trained_curve", "straight_run", "tiny_args"}
 
 
 def pytest_collection_modifyitems(items):
-    for item in items:
-        if END_TO_END_FIXTURES & set(getattr(item, "fixturenames", ())):
-            item.add_marker(pytest.mark.slow)
+    unmarked = [item.nodeid for item in items if END_TO_END_FIXTURES & set(getattr(item, "fixturenames", ()))
+                and item.get_closest_marker("slow") is None]
+    if unmarked:
+        raise pytest.UsageError("end-to-end tests not marked @pytest.mark.slow: " + ", ".join(unmarked))
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -78,6 +81,18 @@ def run_script(script, *argv, separate_process=False, timeout=300):
             traceback.print_exc()
             code = 1
     return subprocess.CompletedProcess([script, *argv], code, out.getvalue(), err.getvalue())
+
+
+def write_idx_images(path, images):
+    """MNIST's idx3-ubyte format: magic 2051, count, rows, cols (big-endian int32), then the pixels."""
+    n, h, w = images.shape
+    with open(path, "wb") as f:
+        f.write(np.array([2051, n, h, w], dtype=">i4").tobytes() + images.astype(np.uint8).tobytes())
+
+
+def write_idx_labels(path, labels):
+    with open(path, "wb") as f:
+        f.write(np.array([2049, len(labels)], dtype=">i4").tobytes() + np.asarray(labels, dtype=np.uint8).tobytes())
 
 
 # A small synthetic set shared by the curve tests: 320 train / 80 test images, batches of 32.

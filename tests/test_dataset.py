@@ -16,6 +16,7 @@ from aemc.data.synthetic import draw_faces, synthetic_faces
 from aemc.errors import UserError
 from aemc.files import file_digest
 from aemc.settings import Data
+from conftest import write_idx_images, write_idx_labels
 from dataset import load_images, split_images
 
 # ----------------------------------------------------------------------------- synthetic faces
@@ -317,18 +318,6 @@ def test_download_success_is_checked_renamed_and_extracted(tmp_path, monkeypatch
 
 # ----------------------------------------------------------------------------- torchvision datasets
 
-def write_idx_images(path, images):
-    """MNIST's idx3-ubyte format: magic 2051, count, rows, cols (big-endian int32), then the pixels."""
-    n, h, w = images.shape
-    with open(path, "wb") as f:
-        f.write(np.array([2051, n, h, w], dtype=">i4").tobytes() + images.astype(np.uint8).tobytes())
-
-
-def write_idx_labels(path, labels):
-    with open(path, "wb") as f:
-        f.write(np.array([2049, len(labels)], dtype=">i4").tobytes() + np.asarray(labels, dtype=np.uint8).tobytes())
-
-
 def make_mnist(root, folder, n_train=12, n_test=5, seed=0):
     """Files in exactly the layout and format torchvision's MNIST / FashionMNIST read."""
     rng = np.random.default_rng(seed)
@@ -409,11 +398,22 @@ def test_a_missing_torchvision_set_without_network_is_one_line_naming_folder_and
     assert os.path.join(str(tmp_path), "MNIST", "raw") in message and "train-images-idx3-ubyte" in message
 
 
-def test_torchvision_sets_refuse_a_size_of_their_own(tmp_path):
+def test_torchvision_sets_are_resized_to_image_size_and_refuse_other_channels(tmp_path):
+    """MNIST at --image_size 32 is each 28x28 digit resized by antialiased bilinear interpolation
+    (the conv VAE takes powers of two); a constant image stays that constant."""
     from aemc.data import load_splits
     make_mnist(tmp_path, "MNIST")
-    with pytest.raises(UserError, match="own size"):
-        load_splits(Data(dataset="mnist", data_path=str(tmp_path), image_size=64), verbose=False)
+    native = load_splits(Data(dataset="mnist", data_path=str(tmp_path)), verbose=False)
+    big = load_splits(Data(dataset="mnist", data_path=str(tmp_path), image_size=32), verbose=False)
+    for small, large in zip(native, big):
+        assert small.shape[-2:] == (28, 28) and large.shape == (len(small), 1, 32, 32) and large.dtype == torch.uint8
+        reference = torch.nn.functional.interpolate(small.double(), size=(32, 32), mode="bilinear", antialias=True)
+        assert (large.double() - reference.round().clamp(0, 255)).abs().max() <= 1  # float32 vs float64 rounding
+    flat = torch.full((2, 1, 28, 28), 77, dtype=torch.uint8)
+    from aemc.data import resized
+    assert torch.equal(resized(flat, 32), torch.full((2, 1, 32, 32), 77, dtype=torch.uint8))
+    with pytest.raises(UserError, match="own channels"):
+        load_splits(Data(dataset="mnist", data_path=str(tmp_path), channels=3), verbose=False)
 
 
 @pytest.mark.parametrize("size,channels", [(28, 1), (32, 3), (64, 3)])

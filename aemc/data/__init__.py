@@ -3,7 +3,8 @@
 Every source ends as such a tensor: aligned CelebA (`celeba` finds or downloads it), any folder of
 images (`folder` decodes and caches it), built-in synthetic faces (`synthetic`), all 64x64 RGB
 unless asked otherwise (--image_size, --channels 1); MNIST, Fashion-MNIST and CIFAR-10
-(`torchvision_sets`) at their own size, split as the datasets are (or 4:1 with --random_split).
+(`torchvision_sets`) at their own size and channels, or resized to --image_size (a conv VAE needs a
+power of two: MNIST's 28 becomes 32), split as the datasets are (or 4:1 with --random_split).
 The others are split 4:1 by a fixed permutation. `loader.TensorLoader` serves float batches in
 [-1, 1] on the training device.
 
@@ -61,16 +62,26 @@ def load_splits(data, verbose=True):
     """(train, test) uint8 tensors of `data`: a dataset's own split, or the fixed 4:1 split."""
     if data.dataset not in SETS:
         return split_images(load_images(data, verbose), data.test_fraction)
-    if data.image_size is not None or data.channels is not None:
-        raise UserError(f"--dataset {data.dataset} comes at its own size and channels: drop --image_size / --channels")
+    if data.channels is not None:
+        raise UserError(f"--dataset {data.dataset} comes with its own channels: drop --channels")
     train, test = (load_split(data.dataset, data.data_path, is_train) for is_train in (True, False))
     if not data.native_split:
-        return split_images(torch.cat([train, test]) if data.max_images is None else
-                            torch.cat([train, test])[:data.max_images], data.test_fraction)
-    if data.max_images is not None:  # the first N images, shared as the split is
+        both = torch.cat([train, test])
+        train, test = split_images(both if data.max_images is None else both[:data.max_images], data.test_fraction)
+    elif data.max_images is not None:  # the first N images, shared as the split is
         n_test = int(round(data.max_images * data.test_fraction))
         train, test = train[:data.max_images - n_test], test[:n_test]
-    return train, test
+    return resized(train, data.image_size), resized(test, data.image_size)
+
+
+def resized(images, size):
+    """uint8 (N, C, H, W) resized to (N, C, size, size) (antialiased bilinear, as PIL resizes down
+    and torchvision's Resize does); unchanged when `size` is None or already theirs."""
+    if size is None or images.shape[-2:] == (size, size):
+        return images
+    out = torch.nn.functional.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True,
+                                          align_corners=False)
+    return out.round().clamp(0, 255).to(torch.uint8)
 
 
 def split_images(images, test_fraction=Data.test_fraction):
