@@ -2,7 +2,7 @@
 init scheme, curves between every pair of inits, their checks and evaluations, and a results table.
 
     python study.py --dir runs/study --preset tiny            # CPU, minutes, built-in faces
-    python study.py --dir runs/study --preset small --lpips   # the demo's size
+    python study.py --dir runs/study --preset small --lpips   # 4,000 built-in faces, 16 filters
     python study.py --dir runs/study --preset paper --data_path data --device cuda   # CelebA, a GPU
     python study.py --dir runs/study --preset paper --print_commands   # for a cluster's scheduler
 
@@ -54,9 +54,9 @@ def get_args_parser():
     p = ArgParser("study.py", description=__doc__.split("\n")[0])
     p.add_argument("--dir", required=True, help="the study's folder (stages, study.json, results)")
     p.add_argument("--preset", choices=tuple(studies.PRESETS), required=True,
-                   help="tiny (CPU, minutes), small (the demo's size), paper (the original's, CelebA, a GPU): the "
-                        "init x loss grid; width: barriers against width; instability: the barrier between copies "
-                        "spawned at epoch K against K")
+                   help="tiny (CPU, minutes), small (4,000 built-in faces, 16 filters, 8 + 8 epochs), paper (the "
+                        "original's, CelebA, a GPU): the init x loss grid; width: barriers against width; "
+                        "instability: the barrier between copies spawned at epoch K against K")
     p.add_argument("--widths", type=numbers(int), default=None, help="width preset: the base widths (8,16,32,64)")
     p.add_argument("--spawn_epochs", type=numbers(int), default=None,
                    help="instability preset: the epochs to spawn copies at (0,1,2,4,6)")

@@ -7,17 +7,26 @@ and third-party code. Its modules, by job:
 
     settings      the typed settings every function takes (data, optimisation, speed, ...)
     errors        UserError and friends: expected failures, reported in one line
+    cli           argparse plumbing: one-line flag errors, no traceback for expected failures
     files         atomic writes, SHA-256 digests, run directories
+    architectures a factory's name and keyword arguments -> a module (built-in or the user's)
     data          images as one in-memory uint8 tensor: CelebA, folders, synthetic faces; loaders
     checkpoints   the checkpoint schema: save atomically, load safely, rebuild the model
     evaluation    one set of weights evaluated with BatchNorm re-estimated (PointEvaluator)
     paths         walks along curves and segments: statistics, barriers, length
+    barriers      barriers under the literature's names (mean of the ends, line, midpoint), any metric
+    layerwise     paths that interpolate one group of layers and keep the rest at the start
     reports       the files an evaluation writes and reads back (JSON, NPZ, figures)
     resumable     long evaluations written point by point, resumed after a stop
     geometry      the plane through three points of weight space
     alignment     weight and activation matching of hidden units
+    repair        REPAIR: a point's per-channel statistics rescaled to the ends' interpolation
     ensembles     ensembles of autoencoders scored like one model
     studies       the study's plan of stages, its state file and its table
+    scheduling    running a study's stages: several at once here, or as SLURM jobs (submitit)
+    study_tables  a study's results read from its stages' reports: tables, CSV, figures
+    tracking      TensorBoard and Weights & Biases logging
+    prose         the README's generated demo table and sentences (make media)
     distributed   torchrun: one code path for 1..N processes
     speed         mixed precision, channels_last, torch.compile, backend switches
     losses        L1, Laplacian pyramid, real AlexNet LPIPS
