@@ -192,7 +192,7 @@ def main(args):
     files = reports.write_walks(
         base, walks=results, samples=samples.cpu(), loss_name=loss_name, sources=loaded.sources, config=config,
         lpips_source=settings["lpips"], length_ratio=ratio, alignment=alignment,
-        extra=dict(processes=processes, walk_seconds=walk_seconds), ensemble=args.ensemble)
+        extra=dict(processes=processes, walk_seconds=walk_seconds, beta=session.loss.beta), ensemble=args.ensemble)
     for key in results:  # the report holds everything now
         os.remove(f"{base}-{key.name}.partial.npz")
     trackers = tracking.open_trackers(args, session.out_dir, settings, "eval_curve", name=os.path.basename(base))
