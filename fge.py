@@ -31,6 +31,7 @@ from utils import (
     evaluation_settings,
     resolve_device,
     speed_settings,
+    tracking_settings,
 )
 
 
@@ -70,7 +71,7 @@ def main(args):
     if not snapshots_at:
         raise UserError(f"--epochs {args.epochs} ends before the first mid-cycle ({args.cycle // 2}): no snapshot")
     distributed.refuse_several("fge.py")
-    tracking.check_wandb(args)
+    tracking.check_wandb(tracking_settings(args))
     allow_architecture(args)
     device = resolve_device(args.device)
     resume = checkpoints.load(args.resume, kind="autoencoder", flag="--resume") if args.resume else None
@@ -112,7 +113,7 @@ def main(args):
             checkpoints.save(run.file(f"snapshot-{epoch}.pt"),
                              checkpoints.autoencoder(model, source.architecture, settings, epoch, source=origin))
 
-    trackers = tracking.open_trackers(args, args.dir, {**settings.to_dict(), "architecture":
+    trackers = tracking.open_trackers(tracking_settings(args), args.dir, {**settings.to_dict(), "architecture":
                                                        source.architecture.to_dict()}, "fge")
     if epoch < args.epochs:
         trainer.fit(model=model, runner=runner, optimizer=optimizer, objective=objective, settings=settings,

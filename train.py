@@ -31,7 +31,15 @@ from aemc.settings import Architecture, Loss, Optimizer, Run, Training
 from models import ARCHITECTURES
 from models.autoencoder import INITS, NORMS
 from models.curves import T_SAMPLING, TSampler, connect, curve_name
-from utils import add_align_args, add_device_arg, add_speed_args, alignment_settings, resolve_device, speed_settings
+from utils import (
+    add_align_args,
+    add_device_arg,
+    add_speed_args,
+    alignment_settings,
+    resolve_device,
+    speed_settings,
+    tracking_settings,
+)
 
 
 def get_args_parser():
@@ -209,7 +217,7 @@ def build_curve(args, resume, train_loader, data_shape):
 
 def main(args):
     architectures.allow(args.arch)  # a factory of the user's own, named on this command line
-    tracking.check_wandb(args)
+    tracking.check_wandb(tracking_settings(args))
     device = distributed.setup(resolve_device(args.device))
     several = distributed.world() > 1
     resume = checkpoints.load(args.resume, flag="--resume") if args.resume else None
@@ -296,7 +304,7 @@ def main(args):
         return test_loss, {"test_loss_at": "t=0.5"}, midpoint
 
     trackers = tracking.open_trackers(
-        args, args.dir, {**settings.to_dict(), "architecture": arch.to_dict(),
+        tracking_settings(args), args.dir, {**settings.to_dict(), "architecture": arch.to_dict(),
                          "curve": {k: curve_config[k] for k in ("curve", "num_bends", "fix_start", "fix_end")}
                          if is_curve else None},
         "curve" if is_curve else "train") if run is not None else []

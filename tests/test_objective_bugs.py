@@ -5,10 +5,13 @@ the run's beta, not 1.0. Each of these failed before the training objective was 
 import json
 
 import pytest
+import torch
 
 import fge
 import spawn
+import trainer
 from aemc import checkpoints
+from aemc.objective import Objective
 from conftest import train_main
 
 pytestmark = pytest.mark.slow
@@ -32,6 +35,28 @@ def relabelled(path, out, beta):
     return str(out)
 
 
+@pytest.fixture
+def objectives(monkeypatch):
+    """The objectives the training loop is handed (every script trains through trainer.train_one_epoch)."""
+    seen = []
+    real = trainer.train_one_epoch
+
+    def spy(model, loader, optimizer, objective, settings, **kwargs):
+        seen.append((objective, settings))
+        return real(model, loader, optimizer, objective, settings, **kwargs)
+    monkeypatch.setattr(trainer, "train_one_epoch", spy)
+    return seen
+
+
+def built_from_the_run(seen, beta, curve):
+    """Every epoch trained with an objective of the run's own settings: its beta, its loss, its decay."""
+    assert seen
+    for objective, settings in seen:
+        assert isinstance(objective, Objective) and objective.settings == settings
+        assert (objective.beta, objective.curve, objective.weight_decay) == (beta, curve, settings.optim.wd)
+        assert isinstance(objective.reconstruction, torch.nn.L1Loss) and settings.loss.loss_function == "mae"
+
+
 @pytest.fixture(scope="module")
 def vae_ends(tmp_path_factory):
     root = tmp_path_factory.mktemp("vae-ends")
@@ -41,7 +66,7 @@ def vae_ends(tmp_path_factory):
     return root
 
 
-def test_a_vae_curve_trains_with_its_kl_term(vae_ends, tmp_path):
+def test_a_vae_curve_trains_with_its_kl_term(vae_ends, tmp_path, objectives):
     """Bug 1: the curve's loss was reconstruction + weight decay, whatever --beta said."""
     ends = [str(vae_ends / f"e{seed}" / "checkpoint-2.pt") for seed in (1, 2)]
     states = {}
@@ -49,12 +74,14 @@ def test_a_vae_curve_trains_with_its_kl_term(vae_ends, tmp_path):
         train_main("--dir", tmp_path / beta, *VAE, "--curve", "Bezier", "--num_bends", "3", "--init_start", ends[0],
                    "--init_end", ends[1], "--fix_start", "--fix_end", "--epochs", "2", "--beta", beta)
         states[beta] = checkpoints.load(str(tmp_path / beta / "checkpoint-2.pt"), kind="curve").state_dict
+        built_from_the_run(objectives, float(beta), curve=True)
+        objectives.clear()
     # the same data, noise and t draws: only the KL term's weight differs, and the middle bend feels it
     # (Adam's steps in the first epoch are about 1e-3 each; everything else is bit-for-bit the same)
     assert differ(states["0"], states["4"]) > 1e-5
 
 
-def test_spawned_vae_copies_train_with_the_parents_beta(vae_ends, tmp_path):
+def test_spawned_vae_copies_train_with_the_parents_beta(vae_ends, tmp_path, objectives):
     """Bug 2: spawn.py trained every copy with beta 1 (fit's default), whatever the run's beta."""
     parent = str(vae_ends / "e1" / "checkpoint-1.pt")
     assert checkpoints.load(parent).settings.loss.beta == 4
@@ -65,12 +92,14 @@ def test_spawned_vae_copies_train_with_the_parents_beta(vae_ends, tmp_path):
             ["--from", source, "--seeds", "5", "6", "--num_points", "2", "--device", "cpu",
              "--dir", str(tmp_path / name)]))
         copies[name] = checkpoints.load(result["copies"][0])
+        built_from_the_run(objectives, 4.0 if name == "beta4" else 1.0, curve=False)
+        objectives.clear()
     assert copies["beta4"].settings.loss.beta == 4
     # the same parent weights, moments and seed: only beta differs, and the copies must show it
     assert differ(copies["beta4"].state_dict, copies["beta1"].state_dict) > 1e-5
 
 
-def test_fge_cycles_of_a_vae_train_with_its_beta(vae_ends, tmp_path):
+def test_fge_cycles_of_a_vae_train_with_its_beta(vae_ends, tmp_path, objectives):
     """Bug 2's twin: fge.py did not pass beta either (its cycles trained with beta 1)."""
     source = str(vae_ends / "e1" / "checkpoint-2.pt")
     as_one = relabelled(source, tmp_path / "beta1.pt", 1.0)
@@ -80,4 +109,6 @@ def test_fge_cycles_of_a_vae_train_with_its_beta(vae_ends, tmp_path):
             ["--ckpt", ckpt, "--cycle", "2", "--epochs", "2", "--lr_1", "1e-3", "--lr_2", "1e-5", "--bn_batches", "1",
              "--device", "cpu", "--num_workers", "0", "--dir", str(tmp_path / name)]))
         snapshots[name] = checkpoints.load(result["snapshots"][0]).state_dict
+        built_from_the_run(objectives, 4.0 if name == "beta4" else 1.0, curve=False)
+        objectives.clear()
     assert differ(snapshots["beta4"], snapshots["beta1"]) > 1e-5
