@@ -130,6 +130,9 @@ class OneBatch:
     def shares(self, start):
         yield self.x, len(self.x)
 
+    def __iter__(self):  # as an evaluation's loader
+        yield self.x
+
 
 def settings_for(loss_name, beta):
     return Run(loss=Loss(loss_function=loss_name, num_filters=LEVELS, beta=beta),
@@ -223,3 +226,33 @@ def test_the_objective_has_no_defaults_and_refuses_other_settings():
                                 settings_for("mae", 1.0), verbose=False)
     with pytest.raises(ValueError, match="theta"):  # a curve's objective without the sampled point's norm
         training_objective(Run(), curve=True, device="cpu")(x, x)
+
+
+def test_the_evaluation_reports_loss_plus_beta_kl_with_the_runs_beta(tmp_path):
+    """The evaluation's VAE metric is the reconstruction + beta * KL of the run's beta (it was always
+    beta 1, named elbo_loss); a VAE evaluated without beta is an error; old reports read back renamed."""
+    import json
+
+    from aemc.evaluation import evaluate
+    from aemc.reports import read_walks
+    model, x = build("vae", "endpoint")
+    model.eval()
+    with torch.no_grad():
+        _, mean, logvar = model(x)  # evaluation codes with the posterior's mean
+        l1_value, kl = l1(model(x)[0], x).item(), kl_per_value(mean, logvar, x).item()
+    got = evaluate(model, OneBatch(x), {"loss": torch.nn.L1Loss()}, beta=4.0)
+    # the evaluation computes the KL in float32: 1e-5 is a hundred times its round-off on these few values
+    assert got["kl"] == pytest.approx(kl, rel=1e-5) and kl > 0
+    assert got["loss_plus_beta_kl"] == pytest.approx(l1_value + 4.0 * kl, rel=1e-5)
+    assert 4.0 * kl > 10 * 1e-5 * l1_value  # beta's share is ten times the bound: a beta of 1 would fail
+    assert "elbo_loss" not in got
+    with pytest.raises(ValueError, match="beta"):
+        evaluate(model, OneBatch(x), {"loss": torch.nn.L1Loss()})
+    old = {"loss": "mae", "paths": {"segment": {"path": {"kind": "segment"}, "test_elbo_loss": [0.3, 0.4],
+                                                "barriers": {"test_elbo_loss": {"barrier_mean_ends": 0.1}}}}}
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    report = read_walks(str(tmp_path / "old.json"))
+    (entry,) = report.paths.values()
+    assert entry["test_loss_plus_beta_kl"] == [0.3, 0.4] and "test_elbo_loss" not in entry
+    assert entry["barriers"]["test_loss_plus_beta_kl"]["barrier_mean_ends"] == 0.1
+    assert report.report["beta"] == 1.0  # what the old reports computed it with
