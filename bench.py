@@ -39,8 +39,9 @@ from aemc.evaluation import PointEvaluator, update_bn
 from aemc.files import write_json
 from aemc.geometry import Plane, names_and_shapes, vector
 from aemc.losses import LPIPS
+from aemc.objective import training_objective
 from aemc.paths import walk
-from aemc.settings import Architecture, Data, Optimizer, Run, Speed
+from aemc.settings import Architecture, Data, Run, Speed
 from models.autoencoder import Autoencoder
 from models.curves import Bezier, CurveNet, connect
 from models.symmetry import apply_permutation, permutation_spec, random_permutation
@@ -130,16 +131,18 @@ def bench_data(cfg, device):
 
 # ----------------------------------------------------------------------------- training
 
-def epoch_runner(model, loader, curve_wd=0.0, amp="none", compile=False, channels_last=False):
-    """A function running one training epoch over `loader` exactly as train.py does."""
+def epoch_runner(model, loader, curve=False, amp="none", compile=False, channels_last=False):
+    """A function running one training epoch over `loader` exactly as train.py does (its default
+    settings: L1 loss, denoising noise 0.05, weight decay 1e-6; a curve's the explicit term)."""
     if channels_last:
         model.to(memory_format=torch.channels_last)
     runner = torch.compile(model) if compile else model
-    opt = trainer.make_optimizer(Optimizer(), [p for p in model.parameters() if p.requires_grad], 0.0, loader.device)
-    loss = torch.nn.L1Loss()
+    settings = Run(speed=Speed(amp=amp, channels_last=channels_last, compile=compile))
+    objective = training_objective(settings, curve=curve, device=loader.device)
+    opt = trainer.make_optimizer(settings.optim, [p for p in model.parameters() if p.requires_grad],
+                                 objective.optimizer_weight_decay, loader.device)
     scaler = speed.make_scaler(loader.device, amp)
-    return lambda: trainer.train_one_epoch(runner, loader, opt, loss, noise_std=0.05, curve_wd=curve_wd,
-                                           amp=amp, scaler=scaler, verbose=False)
+    return lambda: trainer.train_one_epoch(runner, loader, opt, objective, settings, scaler=scaler, verbose=False)
 
 
 def step_images(device, batch_size, channels_last=False, steps=2):
@@ -200,7 +203,7 @@ def bench_curve_step(cfg, device):
         curve = CurveNet(architectures.build(arch), Bezier, 3).to(device)
         curve.init_linear()
         fns[f"{name}_endpoint"] = epoch_runner(endpoint, loader)
-        fns[f"{name}_curve"] = epoch_runner(curve, loader, curve_wd=1e-6)
+        fns[f"{name}_curve"] = epoch_runner(curve, loader, curve=True)
     t = interleaved(fns, device, cfg["repeats"])
     out = {"endpoint_step_s": t["conv_endpoint"] / 2, "curve_step_s": t["conv_curve"] / 2,
            "curve_over_endpoint": t["conv_curve"] / t["conv_endpoint"]}

@@ -140,7 +140,7 @@ def main(args):
 
     distance, norm = weight_distance(start, end)
     _, recon = output_difference(start, end, batches)
-    losses = [evaluate(m, test_loader, {"loss": loss_fn})["loss"] for m in (start, end)]
+    losses = [evaluate(m, test_loader, {"loss": loss_fn}, beta=run.loss.beta)["loss"] for m in (start, end)]
     print(f"endpoints: ||w_end - w_start|| = {distance:.4f} (||w_start|| = {norm:.4f}, "
           f"relative {distance / norm:.4f}); mean |recon_end - recon_start| = {recon:.5f}")
     print(f"endpoint test {loss_name} loss (images in [-1, 1]): start {losses[0]:.5f}, end {losses[1]:.5f}")

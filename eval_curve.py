@@ -35,6 +35,7 @@ from utils import (
     loss_settings,
     open_session,
     output_dir,
+    tracking_settings,
 )
 
 
@@ -139,7 +140,7 @@ def main(args):
     torchrun: on rank 0; the other ranks return None)."""
     if args.num_points < 2:
         raise UserError(f"--num_points must be at least 2 (both ends), got {args.num_points}")
-    tracking.check_wandb(args)
+    tracking.check_wandb(tracking_settings(args))
     if args.connect == "LAYERWISE" and (args.ensemble or args.repair):
         raise UserError("--connect LAYERWISE takes no --ensemble or --repair")
     session = open_session(args)
@@ -192,10 +193,11 @@ def main(args):
     files = reports.write_walks(
         base, walks=results, samples=samples.cpu(), loss_name=loss_name, sources=loaded.sources, config=config,
         lpips_source=settings["lpips"], length_ratio=ratio, alignment=alignment,
-        extra=dict(processes=processes, walk_seconds=walk_seconds), ensemble=args.ensemble)
+        extra=dict(processes=processes, walk_seconds=walk_seconds, beta=session.loss.beta), ensemble=args.ensemble)
     for key in results:  # the report holds everything now
         os.remove(f"{base}-{key.name}.partial.npz")
-    trackers = tracking.open_trackers(args, session.out_dir, settings, "eval_curve", name=os.path.basename(base))
+    trackers = tracking.open_trackers(tracking_settings(args), session.out_dir, settings, "eval_curve",
+                                      name=os.path.basename(base))
     tracking.log_walks(trackers, results, files, ratio)
     tracking.close(trackers)
     print("outputs:\n  " + "\n  ".join(files.values()))

@@ -22,7 +22,8 @@ from aemc.ensembles import Ensemble, member_state, score_ensembles
 from aemc.errors import UserError
 from aemc.evaluation import PointEvaluator, evaluate
 from aemc.files import RunDir, file_digest
-from aemc.losses import build_loss, build_lpips, evaluation_losses
+from aemc.losses import build_lpips, evaluation_losses
+from aemc.objective import training_objective
 from aemc.settings import Cycle, Run, Training
 from utils import (
     add_evaluation_args,
@@ -30,6 +31,7 @@ from utils import (
     evaluation_settings,
     resolve_device,
     speed_settings,
+    tracking_settings,
 )
 
 
@@ -69,7 +71,7 @@ def main(args):
     if not snapshots_at:
         raise UserError(f"--epochs {args.epochs} ends before the first mid-cycle ({args.cycle // 2}): no snapshot")
     distributed.refuse_several("fge.py")
-    tracking.check_wandb(args)
+    tracking.check_wandb(tracking_settings(args))
     allow_architecture(args)
     device = resolve_device(args.device)
     resume = checkpoints.load(args.resume, kind="autoencoder", flag="--resume") if args.resume else None
@@ -88,11 +90,12 @@ def main(args):
     run = RunDir(args.dir)
     trainer.seed_everything(args.seed)
     train_loader, test_loader = dataset.build_loaders(settings.data, device, seed=args.seed, speed=settings.speed)
-    loss_fn = build_loss(settings.loss.loss_function, settings.loss.num_filters).to(device)
+    objective = training_objective(settings, curve=False, device=device)
+    loss_fn = objective.reconstruction  # the test loss is the reconstruction alone
     model = checkpoints.build_model(resume or source).to(device)
     runner = speed.prepare_model(model, settings.speed)
     scaler = speed.make_scaler(device, settings.speed.amp)
-    optimizer = trainer.make_optimizer(settings.optim, model.parameters(), settings.optim.wd, device)
+    optimizer = trainer.make_optimizer(settings.optim, model.parameters(), objective.optimizer_weight_decay, device)
     if source.optimizer is not None and resume is None:  # the endpoint's own moments, if it has them
         trainer.load_optimizer_state(optimizer, source.optimizer)
     state = trainer.TrainingState(kind="autoencoder", architecture=source.architecture, settings=settings,
@@ -110,18 +113,16 @@ def main(args):
             checkpoints.save(run.file(f"snapshot-{epoch}.pt"),
                              checkpoints.autoencoder(model, source.architecture, settings, epoch, source=origin))
 
-    trackers = tracking.open_trackers(args, args.dir, {**settings.to_dict(), "architecture":
+    trackers = tracking.open_trackers(tracking_settings(args), args.dir, {**settings.to_dict(), "architecture":
                                                        source.architecture.to_dict()}, "fge")
     if epoch < args.epochs:
-        trainer.fit(model=model, runner=runner, optimizer=optimizer, loss_fn=loss_fn, train_loader=train_loader,
-                    test_loader=test_loader, run=run, epochs=args.epochs, checkpoint=state.checkpoint,
-                    evaluate=lambda: (evaluate(runner, test_loader, {"loss": loss_fn}, amp=settings.speed.amp)["loss"],
-                                      {}, runner),
-                    lr_at=lambda e, fraction: trainer.cyclic_learning_rate(e, fraction, args.cycle, cycle.lr_1,
+        trainer.fit(model=model, runner=runner, optimizer=optimizer, objective=objective, settings=settings,
+                    train_loader=train_loader, test_loader=test_loader, run=run, checkpoint=state.checkpoint,
+                    evaluate=lambda: (evaluate(runner, test_loader, {"loss": loss_fn}, amp=settings.speed.amp,
+                                               beta=settings.loss.beta)["loss"], {}, runner),
+                    lr_at=lambda e, fraction: trainer.cyclic_learning_rate(e, fraction, cycle.cycle, cycle.lr_1,
                                                                            cycle.lr_2),
-                    start_epoch=epoch, position=position, noise_std=settings.training.noise_std,
-                    amp=settings.speed.amp, scaler=scaler, save_freq=args.cycle, save_final=True,
-                    on_epoch_end=snapshot, trackers=trackers)
+                    start_epoch=epoch, position=position, scaler=scaler, on_epoch_end=snapshot, trackers=trackers)
     result = score_snapshots(run, snapshots_at, model, train_loader, test_loader, settings, evaluation, lpips, device)
     for tracker in trackers:
         tracker.table("ensembles", ["ensemble", "members", "member_mean_loss", "ensemble_loss", "gain_loss"],
@@ -137,7 +138,7 @@ def score_snapshots(run, snapshots_at, model, train_loader, test_loader, setting
     paths = [run.file(f"snapshot-{e}.pt") for e in snapshots_at]
     loss_fns = evaluation_losses(settings.loss, device)
     evaluator = PointEvaluator(model, train_loader.ordered(), test_loader, loss_fns, bn_batches=evaluation.bn_batches,
-                               speed=settings.speed)
+                               speed=settings.speed, beta=settings.loss.beta)
     states = {f"epoch {e}": member_state(evaluator, dict(checkpoints.load_endpoint(path, "snapshot")[0]
                                                          .named_parameters()))
               for e, path in zip(snapshots_at, paths)}

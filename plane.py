@@ -31,6 +31,7 @@ from utils import (
     loss_settings,
     open_session,
     output_dir,
+    tracking_settings,
 )
 
 
@@ -118,7 +119,7 @@ def settings(args, session, sources):
 def main(args):
     """Evaluate the plane; returns {"metrics": {name: G x G array}, "geometry": {...}, "files": {...}}
     (under torchrun: on rank 0; the other ranks return None)."""
-    tracking.check_wandb(args)
+    tracking.check_wandb(tracking_settings(args))
     if args.grid_points < 2:
         raise UserError(f"--grid_points must be at least 2, got {args.grid_points}")
     session = open_session(args)
@@ -182,7 +183,7 @@ def main(args):
         print(f"  {key:12s} min {finite.min():.5f}  max {finite.max():.5f}"
               + (f"  ({values.size - finite.size} diverged points)" if finite.size < values.size else ""))
     print(f"{time.time() - started:.1f}s; outputs:\n  " + "\n  ".join(files.values()))
-    trackers = tracking.open_trackers(args, os.path.dirname(base), {"flags": vars(args)}, "plane",
+    trackers = tracking.open_trackers(tracking_settings(args), os.path.dirname(base), {"flags": vars(args)}, "plane",
                                       name=os.path.basename(base))
     for tracker in trackers:
         tracker.media({role: path for role, path in files.items() if path.endswith(".png")})

@@ -24,7 +24,7 @@ from aemc.cli import ArgParser, positive, run_cli
 from aemc.errors import UserError
 from aemc.evaluation import Session, evaluate
 from aemc.files import RunDir, file_digest
-from aemc.losses import build_loss
+from aemc.objective import training_objective
 from aemc.paths import PathKey, summary, walk
 from models.curves import connect
 from utils import add_evaluation_args, allow_architecture, evaluation_settings, resolve_device, speed_settings
@@ -44,8 +44,11 @@ def get_args_parser():
 def train_copy(source, source_path, seed, run_dir, device, speed_settings_):
     """Continue `source` (the Checkpoint at `source_path`) to its run's last epoch with `seed` for
     the data order and noise: the copy's last checkpoint."""
-    settings = replace(source.settings, training=replace(source.settings.training, seed=seed),
+    # a copy keeps the checkpoint of its last epoch only (and checkpoint-last.pt to resume)
+    settings = replace(source.settings, training=replace(source.settings.training, seed=seed,
+                                                         save_freq=source.settings.training.epochs, save_final=True),
                        speed=speed_settings_)
+    objective = training_objective(settings, curve=False, device=device)
     epochs = settings.training.epochs
     last = os.path.join(run_dir, f"checkpoint-{epochs}.pt")
     if os.path.isfile(last):
@@ -57,7 +60,7 @@ def train_copy(source, source_path, seed, run_dir, device, speed_settings_):
     train_loader, test_loader = dataset.build_loaders(settings.data, device, seed=seed, speed=settings.speed)
     model = checkpoints.build_model(start).to(device)
     runner = speed.prepare_model(model, settings.speed)
-    optimizer = trainer.make_optimizer(settings.optim, model.parameters(), settings.optim.wd, device)
+    optimizer = trainer.make_optimizer(settings.optim, model.parameters(), objective.optimizer_weight_decay, device)
     scaler = speed.make_scaler(device, settings.speed.amp)
     state = trainer.TrainingState(kind="autoencoder", architecture=start.architecture, settings=settings, model=model,
                                   optimizer=optimizer, scaler=scaler, device=device)
@@ -67,14 +70,13 @@ def train_copy(source, source_path, seed, run_dir, device, speed_settings_):
     else:
         epoch, position = state.restore(start)
     run.save_args({"from": os.path.abspath(source_path), "seed": seed, "settings": settings.to_dict()})
-    loss_fn = build_loss(settings.loss.loss_function, settings.loss.num_filters).to(device)
-    trainer.fit(model=model, runner=runner, optimizer=optimizer, loss_fn=loss_fn, train_loader=train_loader,
-                test_loader=test_loader, run=run, epochs=epochs, checkpoint=state.checkpoint,
-                evaluate=lambda: (evaluate(runner, test_loader, {"loss": loss_fn}, amp=settings.speed.amp)["loss"],
-                                  {}, runner),
+    loss_fn = objective.reconstruction  # the test loss is the reconstruction alone
+    trainer.fit(model=model, runner=runner, optimizer=optimizer, objective=objective, settings=settings,
+                train_loader=train_loader, test_loader=test_loader, run=run, checkpoint=state.checkpoint,
+                evaluate=lambda: (evaluate(runner, test_loader, {"loss": loss_fn}, amp=settings.speed.amp,
+                                           beta=settings.loss.beta)["loss"], {}, runner),
                 lr_at=lambda e, fraction: trainer.learning_rate(settings.optim.lr, e, epochs), start_epoch=epoch,
-                position=position, noise_std=settings.training.noise_std, amp=settings.speed.amp, scaler=scaler,
-                save_freq=epochs, save_final=True)
+                position=position, scaler=scaler)
     return last
 
 
@@ -113,7 +115,7 @@ def main(args):
         lpips_source=session.lpips.source if session.lpips is not None else None,
         extra={"spawned_at_epoch": source.epoch, "epochs": source.settings.training.epochs, "seeds": args.seeds,
                "from": {"path": os.path.relpath(args.source, args.dir), "sha256": file_digest(args.source)},
-               "seconds": time.time() - started})
+               "seconds": time.time() - started, "beta": source.settings.loss.beta})
     print("outputs:\n  " + "\n  ".join(files.values()))
     return {"copies": copies, "walk": result, "files": files}
 

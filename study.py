@@ -24,6 +24,7 @@ from aemc.errors import UserError
 from aemc.losses import LOSSES
 from models.autoencoder import INITS, NORMS
 from models.curves import curve_name
+from utils import tracking_settings
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -127,9 +128,11 @@ def main(args):
     distributed.refuse_several("study.py")
     settings = settings_from(args)
     architectures.allow(settings.arch)
-    tracking.check_wandb(args)
-    logging = tracking.wandb_flags(args) + (["--wandb_group", args.wandb_group or os.path.basename(
-        os.path.abspath(args.dir))] if args.wandb else [])
+    track = tracking_settings(args)
+    if track.wandb:  # the stages and the table in one group: the study's folder name unless given
+        track = dataclasses.replace(track, wandb_group=track.wandb_group or os.path.basename(os.path.abspath(args.dir)))
+    tracking.check_wandb(track)
+    logging = tracking.wandb_flags(track)
     stages = studies.plan(args.dir, settings)
     if args.print_commands:
         for stage in stages:
@@ -162,9 +165,8 @@ def main(args):
     rows = study_tables.results(args.dir, settings)
     files = study_tables.write_tables(args.dir, rows)
     files["figure"] = study_tables.write_figure(args.dir, settings, rows)
-    if args.wandb:  # the table, in the study's group
-        args.wandb_group = args.wandb_group or os.path.basename(os.path.abspath(args.dir))
-        trackers = tracking.open_trackers(args, args.dir, dataclasses.asdict(settings), "study", name="results")
+    if track.wandb:  # the table, in the study's group
+        trackers = tracking.open_trackers(track, args.dir, dataclasses.asdict(settings), "study", name="results")
         with open(files["csv"]) as f:
             header, *lines = [line.strip().split(",") for line in f if line.strip()]
         for tracker in trackers:

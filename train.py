@@ -25,12 +25,21 @@ from aemc.cli import ArgParser, json_object, positive, run_cli
 from aemc.errors import UserError, warn
 from aemc.evaluation import evaluate, update_bn
 from aemc.files import RunDir
-from aemc.losses import LOSSES, build_loss
+from aemc.losses import LOSSES
+from aemc.objective import training_objective
 from aemc.settings import Architecture, Loss, Optimizer, Run, Training
 from models import ARCHITECTURES
 from models.autoencoder import INITS, NORMS
 from models.curves import T_SAMPLING, TSampler, connect, curve_name
-from utils import add_align_args, add_device_arg, add_speed_args, alignment_settings, resolve_device, speed_settings
+from utils import (
+    add_align_args,
+    add_device_arg,
+    add_speed_args,
+    alignment_settings,
+    resolve_device,
+    speed_settings,
+    tracking_settings,
+)
 
 
 def get_args_parser():
@@ -208,7 +217,7 @@ def build_curve(args, resume, train_loader, data_shape):
 
 def main(args):
     architectures.allow(args.arch)  # a factory of the user's own, named on this command line
-    tracking.check_wandb(args)
+    tracking.check_wandb(tracking_settings(args))
     device = distributed.setup(resolve_device(args.device))
     several = distributed.world() > 1
     resume = checkpoints.load(args.resume, flag="--resume") if args.resume else None
@@ -227,17 +236,20 @@ def main(args):
                         "they all run the same point of the curve: add --t_sampling shared")
     trainer.check_fresh_run_dir(args.dir, args.resume)
     run = RunDir(args.dir) if distributed.is_main() else None
-    loss_fn = build_loss(settings.loss.loss_function, settings.loss.num_filters).to(device)
+    objective = training_objective(settings, curve=is_curve, device=device)
+    loss_fn = objective.reconstruction  # the test loss is the reconstruction alone
 
-    trainer.seed_everything(args.seed + 1_000_003 * distributed.rank())  # noise and dropout differ between processes
-    train_loader, test_loader = dataset.build_loaders(settings.data, device, seed=args.seed, speed=settings.speed,
+    # noise and dropout differ between processes
+    trainer.seed_everything(settings.training.seed + 1_000_003 * distributed.rank())
+    train_loader, test_loader = dataset.build_loaders(settings.data, device, seed=settings.training.seed,
+                                                      speed=settings.speed,
                                                       shard=True)
     data_shape = tuple(train_loader.images.shape[1:])
     model, arch, curve_config = (build_curve(args, resume, train_loader, data_shape) if is_curve
                                  else build_endpoint(args, resume, data_shape))
     t_sampler = None
     if is_curve and several:
-        model.t_sampler = t_sampler = TSampler(settings.training.t_sampling, args.seed, distributed.rank(),
+        model.t_sampler = t_sampler = TSampler(settings.training.t_sampling, settings.training.seed, distributed.rank(),
                                                distributed.world(), device)
     if resume:
         model.load_state_dict(resume.state_dict)
@@ -246,10 +258,9 @@ def main(args):
     model.to(device)
     runner = speed.prepare_model(model, settings.speed, data_parallel=several)  # channels_last / DDP / compile
     scaler = speed.make_scaler(device, settings.speed.amp)
-    # a curve's weight decay is the explicit 0.5 * wd * ||theta(t)||^2 term, not the optimizer's
+    # a curve's weight decay is the objective's explicit 0.5 * wd * ||theta(t)||^2 term, not the optimizer's
     optimizer = trainer.make_optimizer(settings.optim, [p for p in model.parameters() if p.requires_grad],
-                                       0.0 if is_curve else settings.optim.wd, device)
-    curve_wd = settings.optim.wd if is_curve else 0.0
+                                       objective.optimizer_weight_decay, device)
     if run is not None:  # the flags, with what the checkpoints decided in place of those left out
         run.save_args({**vars(args), **arch.kwargs, **asdict(settings.loss), **(curve_config or {}),
                        "t_sampling": settings.training.t_sampling})
@@ -265,7 +276,7 @@ def main(args):
         epoch, position = state.restore(resume)
         print(f"resuming {args.resume} at epoch {epoch + 1}"
               + (f", batch {position['batches']}" if position else ""))
-    if epoch >= args.epochs:
+    if epoch >= settings.training.epochs:
         raise UserError(f"the checkpoint has already completed {epoch} epochs; raise --epochs")
     if args.save_init and not resume:
         init = state.checkpoint(0)  # every process gathers its random state
@@ -282,27 +293,27 @@ def main(args):
     def evaluate_epoch():  # rank 0 alone: the plain model, not the data-parallel wrapper
         if not is_curve:
             module = model if several else runner
-            return evaluate(module, test_loader, {"loss": loss_fn}, amp=settings.speed.amp)["loss"], {}, module
+            return evaluate(module, test_loader, {"loss": loss_fn}, amp=settings.speed.amp,
+                            beta=settings.loss.beta)["loss"], {}, module
         # the midpoint, BatchNorm re-estimated on a fixed subset of training batches
         midpoint = model.point_at(0.5)
         with speed.autocast(device, settings.speed.amp):
-            update_bn(train_loader.ordered(), midpoint, num_batches=args.midpoint_bn_batches)
-        test_loss = evaluate(midpoint, test_loader, {"loss": loss_fn}, amp=settings.speed.amp)["loss"]
+            update_bn(train_loader.ordered(), midpoint, num_batches=settings.training.midpoint_bn_batches)
+        test_loss = evaluate(midpoint, test_loader, {"loss": loss_fn}, amp=settings.speed.amp,
+                             beta=settings.loss.beta)["loss"]
         return test_loss, {"test_loss_at": "t=0.5"}, midpoint
 
     trackers = tracking.open_trackers(
-        args, args.dir, {**settings.to_dict(), "architecture": arch.to_dict(),
+        tracking_settings(args), args.dir, {**settings.to_dict(), "architecture": arch.to_dict(),
                          "curve": {k: curve_config[k] for k in ("curve", "num_bends", "fix_start", "fix_end")}
                          if is_curve else None},
         "curve" if is_curve else "train") if run is not None else []
-    trainer.fit(model=model, runner=runner, optimizer=optimizer, loss_fn=loss_fn, train_loader=train_loader,
-                test_loader=test_loader, run=run, epochs=args.epochs, checkpoint=state.checkpoint,
+    epochs = settings.training.epochs
+    trainer.fit(model=model, runner=runner, optimizer=optimizer, objective=objective, settings=settings,
+                train_loader=train_loader, test_loader=test_loader, run=run, checkpoint=state.checkpoint,
                 evaluate=evaluate_epoch,
-                lr_at=lambda epoch, fraction: trainer.learning_rate(args.lr, epoch, args.epochs),
-                start_epoch=epoch, position=position, noise_std=args.noise_std, curve_wd=curve_wd,
-                beta=settings.loss.beta,
-                amp=settings.speed.amp, scaler=scaler, save_freq=args.save_freq, save_final=args.save_final,
-                trackers=trackers)
+                lr_at=lambda epoch, fraction: trainer.learning_rate(settings.optim.lr, epoch, epochs),
+                start_epoch=epoch, position=position, scaler=scaler, trackers=trackers)
     tracking.close(trackers)
     distributed.shutdown()
     print(f"done: checkpoints in {args.dir}")

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from aemc import checkpoints, distributed, figures
 from aemc.errors import Interrupted, UserError
-from aemc.losses import kl_divergence, reconstruction, split_output
+from aemc.losses import reconstruction
 from aemc.speed import accumulator_dtype, autocast
 
 FINITE_CHECK_EVERY = 20  # batches between host syncs (non-finite check, progress bar update)
@@ -92,64 +92,63 @@ def unwrap(module):
     return module
 
 
-def train_one_epoch(model, loader, optimizer, loss_fn, *, noise_std=0.0, curve_wd=0.0, beta=1.0, amp="none",
-                    scaler=None, start=0, sums=None, stop=None, lr_at=None, desc="train", verbose=True):
-    """One pass over `loader` (denoising: input + N(0, noise_std^2), loss against the clean image).
+def train_one_epoch(model, loader, optimizer, objective, settings, *, scaler=None, start=0, sums=None, stop=None,
+                    lr_at=None, desc="train", verbose=True):
+    """One pass over `loader`, minimising `objective` (aemc.objective.Objective, built from the run's
+    `settings`, an aemc.settings.Run) on every batch: the reconstruction of the clean image from the
+    input + N(0, settings.training.noise_std^2) (the denoising objective), beta * KL for a VAE-like
+    model, and for a curve 0.5 * wd * ||theta(t)||^2 of the point the forward pass sampled
+    (`model.sq_norm`).
 
-    For a curve (`curve_wd` > 0) the loss adds 0.5 * curve_wd * ||theta(t)||^2 of the point the
-    forward pass sampled (`model.sq_norm`). A VAE-like model (its output: reconstruction, mean,
-    log-variance) adds beta * KL (aemc.losses.kl_divergence), accumulated with the regulariser's
-    sums (`reg_sum`) when there is no curve term. Losses are accumulated on the device; the host syncs
-    only every FINITE_CHECK_EVERY batches, to check they are finite and update the bar.
-    `start`/`sums` continue a partly done epoch; when `stop.requested` turns true the epoch ends
-    early. `amp` runs the forward pass in mixed precision (the loss is computed in float32);
-    `scaler` is the gradient scaler fp16 needs. `lr_at(fraction)`, when given, sets the learning
-    rate before every step from how far into the epoch it is. Returns the accumulators, summed
-    over all processes: {"loss_sum", "reg_sum", "count", "batches"}.
+    Losses are accumulated on the device; the host syncs only every FINITE_CHECK_EVERY batches, to
+    check they are finite and update the bar. `start`/`sums` continue a partly done epoch; when
+    `stop.requested` turns true the epoch ends early. settings.speed.amp runs the forward pass in
+    mixed precision (the objective is computed in float32); `scaler` is the gradient scaler fp16
+    needs. `lr_at(fraction)`, when given, sets the learning rate before every step from how far into
+    the epoch it is. Returns the accumulators, summed over all processes: {"loss_sum" (reconstruction),
+    "kl_sum" (the KL term before beta), "reg_sum" (the curve's decay term), "count", "batches"}.
 
     Under torchrun (a DistributedDataParallel `model`, a sharded `loader`) each process trains on
-    its part of every batch; its loss is weighted by its part's share of the batch, so the
-    averaged gradient is that of the whole batch's mean loss. The processes agree on stopping
+    its part of every batch; its objective is weighted by its part's share of the batch, so the
+    averaged gradient is that of the whole batch's mean objective. The processes agree on stopping
     (Ctrl-C, non-finite loss) at the periodic syncs.
     """
+    objective.check(settings)
+    noise_std, amp = settings.training.noise_std, settings.speed.amp
     model.train()
     device = loader.device
     inner = unwrap(model)
     world = distributed.world()
     if sums is None or not distributed.is_main():  # a resumed epoch's sums live on rank 0
-        sums = {"loss_sum": 0.0, "reg_sum": 0.0, "count": 0, "batches": sums["batches"] if sums else 0}
+        sums = {"loss_sum": 0.0, "kl_sum": 0.0, "reg_sum": 0.0, "count": 0, "batches": sums["batches"] if sums else 0}
+    elif "kl_sum" not in sums:  # written before the KL had its own sum: an endpoint's reg_sum was its KL's
+        sums = {**sums, "kl_sum": 0.0 if objective.curve else sums["reg_sum"],
+                "reg_sum": sums["reg_sum"] if objective.curve else 0.0}
     dtype = accumulator_dtype(device)
-    totals = torch.tensor([sums["loss_sum"], sums["reg_sum"], sums["count"], 0.0], device=device, dtype=dtype)
+    totals = torch.tensor([sums["loss_sum"], sums["kl_sum"], sums["reg_sum"], sums["count"], 0.0],
+                          device=device, dtype=dtype)
     done = start
     bar = tqdm(total=len(loader), initial=start, desc=desc, leave=False, disable=not verbose)
 
     def snapshot():
         """Everyone's sums (one all-reduce under torchrun) and whether anyone was asked to stop."""
         now = totals.clone()
-        now[3] = float(stop is not None and stop.requested)
+        now[4] = float(stop is not None and stop.requested)
         distributed.all_reduce_sum(now)
-        loss_sum, reg_sum, count, stopping = now.tolist()  # the one host sync
-        if not (math.isfinite(loss_sum) and math.isfinite(reg_sum)):
+        loss_sum, kl_sum, reg_sum, count, stopping = now.tolist()  # the one host sync
+        if not all(math.isfinite(v) for v in (loss_sum, kl_sum, reg_sum)):
             raise NonFiniteLoss(f"batch {done}")
-        return {"loss_sum": loss_sum, "reg_sum": reg_sum, "count": int(count), "batches": done}, stopping > 0
+        return {"loss_sum": loss_sum, "kl_sum": kl_sum, "reg_sum": reg_sum, "count": int(count),
+                "batches": done}, stopping > 0
 
     for x, batch_size in loader.shares(start):
         if lr_at is not None:
             set_learning_rate(optimizer, lr_at(done / len(loader)))
         noisy = x + noise_std * torch.randn_like(x) if noise_std > 0 else x
         with autocast(device, amp):
-            out, posterior = split_output(model(noisy))
-        loss = loss_fn(out.float(), x)
-        total = loss
-        if posterior is not None:
-            kl = kl_divergence(*(v.float() for v in posterior), x[0].numel()).mean()
-            total = total + beta * kl
-            if curve_wd == 0:
-                totals[1] += kl.detach() * len(x)
-        if curve_wd > 0:
-            reg = 0.5 * curve_wd * inner.sq_norm
-            total = loss + reg
-            totals[1] += reg.detach() * len(x)
+            out = model(noisy)
+        terms = objective(out, x, inner.sq_norm if objective.curve else None)
+        total = terms.total
         if world > 1:
             total = total * (len(x) * world / batch_size)
         optimizer.zero_grad(set_to_none=True)
@@ -160,8 +159,12 @@ def train_one_epoch(model, loader, optimizer, loss_fn, *, noise_std=0.0, curve_w
         else:
             total.backward()
             optimizer.step()
-        totals[0] += loss.detach() * len(x)
-        totals[2] += len(x)
+        totals[0] += terms.loss.detach() * len(x)
+        if terms.kl is not None:
+            totals[1] += terms.kl.detach() * len(x)
+        if terms.reg is not None:
+            totals[2] += terms.reg.detach() * len(x)
+        totals[3] += len(x)
         done += 1
         bar.update(1)
         if done % FINITE_CHECK_EVERY == 0:
@@ -175,21 +178,24 @@ def train_one_epoch(model, loader, optimizer, loss_fn, *, noise_std=0.0, curve_w
     return snapshot()[0]
 
 
-def fit(*, model, runner, optimizer, loss_fn, train_loader, test_loader, run, epochs, lr_at, checkpoint,
-        evaluate, start_epoch=0, position=None, noise_std=0.0, curve_wd=0.0, beta=1.0, amp="none", scaler=None,
-        save_freq=1, save_final=True, trackers=(), on_epoch_end=None):
-    """Train from `start_epoch` (and a mid-epoch `position`) to `epochs`, as every training script does.
+def fit(*, model, runner, optimizer, objective, settings, train_loader, test_loader, run, lr_at, checkpoint,
+        evaluate, start_epoch=0, position=None, scaler=None, trackers=(), on_epoch_end=None):
+    """Train from `start_epoch` (and a mid-epoch `position`) to settings.training.epochs, as every
+    training script does, minimising `objective` (aemc.objective.training_objective of `settings`,
+    the run's aemc.settings.Run).
 
     Each epoch: the learning rate `lr_at(epoch, fraction)` at every step; one epoch of training;
     `evaluate()` -> (test loss, extra log fields, the module whose reconstructions are saved); one
     printed line, one JSON line in log.jsonl (and `trackers`: aemc.tracking), recon/epoch-NNN.png, then
-    checkpoint-last.pt and every `save_freq` epochs checkpoint-<epoch>.pt, each the dict
-    `checkpoint(epoch, sums)` returns, written atomically; then `on_epoch_end(epoch, state)`.
-    Ctrl-C ends the current step, saves a resumable checkpoint-last.pt and raises Interrupted; a
-    non-finite loss stops with the last good checkpoint kept. Under torchrun every process trains
-    and calls `checkpoint` (which may gather from all of them); rank 0 alone evaluates, prints
-    and writes (`run` may be None elsewhere).
+    checkpoint-last.pt and every settings.training.save_freq epochs (and at the end, with save_final)
+    checkpoint-<epoch>.pt, each the dict `checkpoint(epoch, sums)` returns, written atomically; then
+    `on_epoch_end(epoch, state)`. Ctrl-C ends the current step, saves a resumable checkpoint-last.pt
+    and raises Interrupted; a non-finite loss stops with the last good checkpoint kept. Under torchrun
+    every process trains and calls `checkpoint` (which may gather from all of them); rank 0 alone
+    evaluates, prints and writes (`run`, the RunDir, may be None elsewhere).
     """
+    objective.check(settings)
+    epochs, save_freq, save_final = settings.training.epochs, settings.training.save_freq, settings.training.save_final
     main = distributed.is_main()
     last = run.file("checkpoint-last.pt") if main else None
     sample = next(iter(test_loader))[:8]
@@ -200,8 +206,8 @@ def fit(*, model, runner, optimizer, loss_fn, train_loader, test_loader, run, ep
             train_loader.set_epoch(epoch)
             try:
                 sums = train_one_epoch(
-                    runner, train_loader, optimizer, loss_fn, noise_std=noise_std, curve_wd=curve_wd, beta=beta,
-                    amp=amp, scaler=scaler, start=position["batches"] if position else 0, sums=position, stop=stop,
+                    runner, train_loader, optimizer, objective, settings, scaler=scaler,
+                    start=position["batches"] if position else 0, sums=position, stop=stop,
                     lr_at=lambda fraction: lr_at(epoch, fraction), desc=f"epoch {epoch + 1}/{epochs}",
                     verbose=main)
             except NonFiniteLoss as e:
@@ -219,7 +225,7 @@ def fit(*, model, runner, optimizer, loss_fn, train_loader, test_loader, run, ep
             lr = lr_at(epoch, 0.0)
             epoch += 1
             if main:
-                _report(run, trackers, epoch, epochs, lr, sums, curve_wd, evaluate, sample, started)
+                _report(run, trackers, epoch, epochs, lr, sums, evaluate, sample, started)
             state = checkpoint(epoch, None)
             if main:
                 checkpoints.save(last, state)
@@ -231,17 +237,17 @@ def fit(*, model, runner, optimizer, loss_fn, train_loader, test_loader, run, ep
                 raise Interrupted(f"interrupted after epoch {epoch}; resume with --resume {last}")
 
 
-def _report(run, trackers, epoch, epochs, lr, sums, curve_wd, evaluate, sample, started):
+def _report(run, trackers, epoch, epochs, lr, sums, evaluate, sample, started):
     """Evaluate after an epoch; one printed line, one log line, the reconstructions' PNG."""
     test_loss, extra, evaluated = evaluate()
     train_loss = sums["loss_sum"] / sums["count"]
     record = dict(epoch=epoch, lr=lr, train_loss=train_loss, test_loss=test_loss, **extra)
-    if curve_wd > 0:
+    if sums.get("kl_sum", 0.0) > 0:  # a VAE: its KL term (per pixel value), the loss being reconstruction + beta * KL
+        record["kl"] = sums["kl_sum"] / sums["count"]
+    if sums["reg_sum"] > 0:  # a curve: its weight-decay term
         record["reg"] = sums["reg_sum"] / sums["count"]
-    elif sums["reg_sum"] > 0:  # a VAE: its KL term (per pixel value), the loss being reconstruction + beta * KL
-        record["kl"] = sums["reg_sum"] / sums["count"]
     record["time"] = round(time.time() - started, 2)
-    reg = f"  reg {record['reg']:.5f}" if "reg" in record else f"  kl {record['kl']:.5f}" if "kl" in record else ""
+    reg = "".join(f"  {k} {record[k]:.5f}" for k in ("kl", "reg") if k in record)
     at = f"@{extra['test_loss_at']}" if "test_loss_at" in extra else ""
     print(f"epoch {epoch:4d}/{epochs}  lr {lr:.2e}  train {train_loss:.5f}{reg}  "
           f"test{at} {test_loss:.5f}  {record['time']:.1f}s", flush=True)

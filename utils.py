@@ -9,7 +9,7 @@ from aemc.cli import positive
 from aemc.errors import UserError
 from aemc.evaluation import Session
 from aemc.losses import LOSSES
-from aemc.settings import Alignment, Evaluation, Loss, Speed
+from aemc.settings import Alignment, Evaluation, Loss, Speed, Tracking
 
 
 def given(args, kind):
@@ -62,6 +62,12 @@ def add_speed_args(parser):
                    help="on Ampere and later GPUs, compute float32 convolutions in full float32 "
                         "instead of PyTorch's default TF32 (slower; reproducible to more digits)")
     return g
+
+
+def tracking_settings(args):
+    """The Tracking of the --tensorboard / --wandb flags (aemc.tracking.add_tracking_args)."""
+    return Tracking(tensorboard=args.tensorboard, wandb=args.wandb, wandb_project=args.wandb_project,
+                    wandb_entity=args.wandb_entity, wandb_group=args.wandb_group)
 
 
 def speed_settings(args):

@@ -24,11 +24,19 @@ from aemc.losses import build_lpips, evaluation_losses, kl_divergence, psnr, rec
 from aemc.settings import Speed
 from aemc.speed import accumulator_dtype, autocast, configure, prepare_model
 
+VAE_OBJECTIVE = "loss_plus_beta_kl"  # a VAE's reconstruction loss + beta * KL (named "elbo_loss", beta 1, before)
+
 
 @torch.no_grad()
-def evaluate(model, loader, loss_fns, image_metrics=None, amp="none", on_batch=None, num_batches=None):
+def evaluate(model, loader, loss_fns, image_metrics=None, amp="none", on_batch=None, num_batches=None, beta=None):
     """Mean of each loss over all images of `loader` (its first `num_batches` batches when given;
     clean inputs, eval mode): {name: float}.
+
+    A VAE-like model (its output: reconstruction, mean, log-variance) also gets "kl" (the KL term
+    per pixel value, aemc.losses.kl_divergence) and "loss_plus_beta_kl" (loss_fns["loss"] + beta *
+    kl, the run's objective without weight decay, with the posterior's mean as the code); `beta`,
+    the run's, is then required. With beta = 1 and a likelihood's loss that would be a plug-in
+    estimate of the negative ELBO; with an L1 or pyramid loss, or beta != 1, it is not one.
 
     `image_metrics` ({name: fn(output, input) -> one value per image}, e.g. LPIPS) are computed
     in the same pass and averaged over images (not over batches). With `amp` only the model's
@@ -50,12 +58,14 @@ def evaluate(model, loader, loss_fns, image_metrics=None, amp="none", on_batch=N
             sums[name] += fn(out, x).detach() * len(x)
         for name, fn in (image_metrics or {}).items():
             sums[name] += fn(out, x).detach().to(sums[name].dtype).sum()
-        if posterior is not None:  # a VAE: the KL term too, and the loss it makes with the reconstruction's
+        if posterior is not None:  # a VAE: the KL term too, and the objective it makes with the reconstruction's
+            if beta is None:
+                raise ValueError("evaluating a VAE-like model needs the run's beta (its loss is loss + beta * KL)")
             kl = kl_divergence(*(v.float() for v in posterior), x[0].numel()).detach().to(sums["loss"].dtype)
-            for name in ("kl", "elbo_loss"):
+            for name in ("kl", VAE_OBJECTIVE):
                 sums.setdefault(name, torch.zeros_like(sums["loss"]))
             sums["kl"] += kl.sum()
-            sums["elbo_loss"] += kl.sum() + loss_fns["loss"](out, x).detach() * len(x)
+            sums[VAE_OBJECTIVE] += beta * kl.sum() + loss_fns["loss"](out, x).detach() * len(x)
     return {name: (s / count).item() for name, s in sums.items()}
 
 
@@ -153,7 +163,7 @@ class PointEvaluator:
 
     def __init__(self, template, train_batches, test_batches, loss_fns, image_metrics=None,
                  bn_batches=None, speed=Speed(), samples=None, repair_layers=None, prior=None,
-                 train_eval_batches=None):
+                 train_eval_batches=None, beta=None):
         self.module = copy.deepcopy(template).to(train_batches.device)
         if repair_layers:
             repair.install(self.module, repair_layers)
@@ -163,6 +173,7 @@ class PointEvaluator:
         self.loss_fns, self.image_metrics = loss_fns, image_metrics
         self.bn_batches, self.samples, self.prior = bn_batches, samples, prior
         self.train_eval_batches = train_eval_batches
+        self.beta = beta  # a VAE's: its loss_plus_beta_kl is loss + beta * KL (required for a VAE)
         self.done = {}  # fingerprint of theta -> its results: a point two paths share is evaluated once
 
     @torch.no_grad()
@@ -211,9 +222,9 @@ class PointEvaluator:
         if repair_targets is not None:
             self.repair(repair_targets)
         train = evaluate(self.runner, self.train_batches, self.loss_fns, amp=self.amp,
-                         num_batches=self.train_eval_batches)
+                         num_batches=self.train_eval_batches, beta=self.beta)
         test = evaluate(self.runner, self.test_batches, self.loss_fns, self.image_metrics, amp=self.amp,
-                        on_batch=on_test_batch)
+                        on_batch=on_test_batch, beta=self.beta)
         result = {**{"train_" + k: v for k, v in train.items()}, **{"test_" + k: v for k, v in test.items()}}
         if self.samples is not None:
             with torch.no_grad(), autocast(self.train_batches.device, self.amp):
@@ -273,7 +284,7 @@ class Session:
         return PointEvaluator(template, self.train_loader.ordered(), self.test_loader, self.loss_fns,
                               self.image_metrics if image_metrics else None, self.evaluation.bn_batches,
                               speed=self.speed, samples=samples, repair_layers=repair_layers, prior=prior,
-                              train_eval_batches=self.evaluation.train_batches)
+                              train_eval_batches=self.evaluation.train_batches, beta=self.loss.beta)
 
 
 @torch.no_grad()

@@ -8,7 +8,6 @@ from torch import nn
 
 from aemc.errors import UserError
 from aemc.files import file_digest
-from aemc.settings import Loss
 
 LOSSES = ("mae", "laplacian")
 
@@ -89,11 +88,14 @@ class LaplacianPyramidLoss(nn.Module):
         return loss
 
 
-def build_loss(name=Loss.loss_function, num_filters=Loss.num_filters, channels=3):
-    """The reconstruction loss a run trains with: 'mae' or 'laplacian' (num_filters levels)."""
+def build_loss(name, num_filters=None, channels=3):
+    """The reconstruction loss a run trains with: 'mae' or 'laplacian' (num_filters levels, required).
+    No default loss: the run's settings (aemc.settings.Loss) say which."""
     if name == "mae":
         return nn.L1Loss()
     if name == "laplacian":
+        if num_filters is None:
+            raise ValueError("the laplacian loss needs its number of pyramid levels (num_filters)")
         return LaplacianPyramidLoss(max_levels=num_filters, channels=channels)
     raise ValueError(f"unknown loss {name!r}; choose from {LOSSES}")
 

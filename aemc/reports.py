@@ -13,6 +13,7 @@ from typing import NamedTuple
 import numpy as np
 
 from aemc import barriers, figures
+from aemc.evaluation import VAE_OBJECTIVE
 from aemc.files import atomic_write, file_digest, output_stem, write_json
 from aemc.paths import IMAGES, PathKey
 
@@ -109,8 +110,23 @@ def read_walks(path):
         key = PathKey(**entry["path"]) if "path" in entry else _key_from_label(name)
         if any("above_mean_of_ends" in b for b in entry.get("barriers", {}).values()):  # before the names
             entry["barriers"] = {m: barriers.from_format_1(b) for m, b in entry["barriers"].items()}
-        paths[key] = entry
+        if any(OLD_VAE_OBJECTIVE in k for k in entry):
+            report.setdefault("beta", 1.0)
+        paths[key] = _renamed(entry)
     return WalkReport(paths, report.get("length_ratio"), report.get("loss"), report)
+
+
+# A VAE's loss + beta * KL was reported as "elbo_loss" and computed with beta = 1 whatever the run's
+# beta: read back under its present name, with the beta it was computed with (the report's "beta").
+OLD_VAE_OBJECTIVE = "elbo_loss"
+
+
+def _renamed(entry):
+    """A walk entry with the metrics of older reports under their present names."""
+    def name(k):
+        return k.replace(OLD_VAE_OBJECTIVE, VAE_OBJECTIVE) if isinstance(k, str) else k
+    return {name(k): ({name(m): v for m, v in value.items()} if isinstance(value, dict) else value)
+            for k, value in entry.items()}
 
 
 def _key_from_label(label):

@@ -104,6 +104,16 @@ class Alignment:
 
 
 @dataclass(frozen=True)
+class Tracking:
+    """Where a run is logged besides stdout and log.jsonl (aemc.tracking); not part of what it computes."""
+    tensorboard: bool = False
+    wandb: bool = False
+    wandb_project: str = "ae-mode-connectivity"
+    wandb_entity: Optional[str] = None
+    wandb_group: Optional[str] = None   # study.py: the study's folder name
+
+
+@dataclass(frozen=True)
 class Architecture:
     """A model factory's name and its keyword arguments (see models.build)."""
     name: str = "conv"

@@ -10,14 +10,17 @@ everything in that folder (`wandb sync` uploads it later).
 import os
 
 from aemc.errors import UserError, warn
+from aemc.settings import Tracking
 
-DEFAULT_PROJECT = "ae-mode-connectivity"
+DEFAULT_PROJECT = Tracking.wandb_project
 
 
 def add_tracking_args(parser, tensorboard=False):
     g = parser.add_argument_group("logging")
     if tensorboard:
         g.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard (if installed)")
+    else:
+        parser.set_defaults(tensorboard=False)
     g.add_argument("--wandb", action="store_true",
                    help='also log to Weights & Biases (pip install ".[wandb]"; WANDB_MODE=offline to keep it local)')
     g.add_argument("--wandb_project", default=DEFAULT_PROJECT, help=f"({DEFAULT_PROJECT})")
@@ -26,19 +29,21 @@ def add_tracking_args(parser, tensorboard=False):
     return g
 
 
-def wandb_flags(args):
-    """The --wandb flags of `args` as command-line words (for a study's stages)."""
-    if not getattr(args, "wandb", False):
+def wandb_flags(tracking):
+    """The --wandb flags of `tracking` (a Tracking) as command-line words (for a study's stages)."""
+    if not tracking.wandb:
         return []
-    words = ["--wandb", "--wandb_project", args.wandb_project]
-    if args.wandb_entity:
-        words += ["--wandb_entity", args.wandb_entity]
+    words = ["--wandb", "--wandb_project", tracking.wandb_project]
+    if tracking.wandb_entity:
+        words += ["--wandb_entity", tracking.wandb_entity]
+    if tracking.wandb_group:
+        words += ["--wandb_group", tracking.wandb_group]
     return words
 
 
-def check_wandb(args):
+def check_wandb(tracking):
     """Fail now, in one line, when --wandb is asked for without the package."""
-    if getattr(args, "wandb", False):
+    if tracking.wandb:
         try:
             import wandb  # noqa: F401
         except ImportError:
@@ -46,21 +51,21 @@ def check_wandb(args):
                             "(or pip install wandb)")
 
 
-def open_trackers(args, folder, config, job_type, name=None):
-    """The trackers the flags ask for (a list; empty without --tensorboard and --wandb)."""
+def open_trackers(tracking, folder, config, job_type, name=None):
+    """The trackers `tracking` (a Tracking) asks for (a list; empty without --tensorboard and --wandb)."""
     from aemc import distributed
     if not distributed.is_main():
         return []
     trackers = []
-    if getattr(args, "tensorboard", False):
+    if tracking.tensorboard:
         try:
             from torch.utils.tensorboard import SummaryWriter
             trackers.append(TensorBoard(SummaryWriter(log_dir=os.path.join(folder, "tensorboard"))))
         except ImportError:
             warn("note: --tensorboard needs the tensorboard package (pip install tensorboard); "
                  "logging to log.jsonl only")
-    if getattr(args, "wandb", False):
-        trackers.append(WandB(args, folder, config, job_type, name))
+    if tracking.wandb:
+        trackers.append(WandB(tracking, folder, config, job_type, name))
     return trackers
 
 
@@ -89,12 +94,12 @@ class TensorBoard:
 class WandB:
     """One W&B run (wandb.init), its metrics, media, tables and summary."""
 
-    def __init__(self, args, folder, config, job_type, name=None):
-        check_wandb(args)
+    def __init__(self, tracking, folder, config, job_type, name=None):
+        check_wandb(tracking)
         import wandb
         self.wandb = wandb
         os.makedirs(folder, exist_ok=True)
-        self.run = wandb.init(project=args.wandb_project, entity=args.wandb_entity, group=args.wandb_group,
+        self.run = wandb.init(project=tracking.wandb_project, entity=tracking.wandb_entity, group=tracking.wandb_group,
                               job_type=job_type, name=name or os.path.basename(os.path.abspath(folder)),
                               dir=folder, config=config, reinit="finish_previous")
 

@@ -113,10 +113,11 @@ class HookedLoss(torch.nn.Module):
 
 
 def hook_loss(monkeypatch, hook):
-    """Make train.py's loss call `hook` on every batch (to raise Ctrl-C or produce NaN at batch k)."""
-    import train
-    real_build = train.build_loss
-    monkeypatch.setattr(train, "build_loss", lambda *a, **k: HookedLoss(real_build(*a, **k), hook))
+    """Make train.py's loss call `hook` on every batch (to raise Ctrl-C or produce NaN at batch k):
+    the reconstruction loss of its training objective, which it also evaluates with."""
+    import aemc.objective
+    real_build = aemc.objective.build_loss
+    monkeypatch.setattr(aemc.objective, "build_loss", lambda *a, **k: HookedLoss(real_build(*a, **k), hook))
 
 
 def train_main(*argv):

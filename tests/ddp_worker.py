@@ -21,7 +21,8 @@ import trainer
 from aemc import distributed, speed
 from aemc.data.loader import TensorLoader
 from aemc.data.synthetic import synthetic_faces
-from aemc.settings import Speed
+from aemc.objective import training_objective
+from aemc.settings import Optimizer, Run, Speed, Training
 from models.curves import TSampler, connect
 
 IMAGES, BATCH, WD = 64, 16, 1e-3
@@ -65,8 +66,11 @@ def steps(mode, device, out):
     loader = TensorLoader(synthetic_faces(IMAGES), BATCH, shuffle=True, seed=3, shard=(rank, world))
     runner = speed.prepare_model(model, Speed(), data_parallel=True)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
-    trainer.train_one_epoch(runner, loader, optimizer, nn.L1Loss(), curve_wd=0.0 if mode == "endpoint" else WD,
-                            verbose=False)
+    # the L1 loss, no input noise; a curve's decay is the objective's explicit term (its optimizer has none,
+    # and the endpoint's optimizer here has none either)
+    settings = Run(optim=Optimizer(wd=WD), training=Training(noise_std=0.0))
+    objective = training_objective(settings, curve=mode != "endpoint", device=device)
+    trainer.train_one_epoch(runner, loader, optimizer, objective, settings, verbose=False)
     ts = distributed.gather(drawn)
     if distributed.is_main():
         torch.save({"params": {n: p.detach() for n, p in model.named_parameters()}, "ts": ts}, out)

@@ -180,8 +180,9 @@ def test_fge_trains_snapshots_and_scores_the_growing_ensemble(ends, tmp_path, mo
         if call == 29:  # epoch 3, batch 3 (an epoch is 10 train batches, then 3 test batches)
             signal.raise_signal(signal.SIGINT)
         return loss
-    real_build = fge.build_loss
-    monkeypatch.setattr(fge, "build_loss", lambda *a, **k: HookedLoss(real_build(*a, **k), ctrl_c))
+    import aemc.objective  # the run's loss, trained and evaluated with (fge.py builds it there)
+    real_build = aemc.objective.build_loss
+    monkeypatch.setattr(aemc.objective, "build_loss", lambda *a, **k: HookedLoss(real_build(*a, **k), ctrl_c))
     with pytest.raises(Interrupted):
         fge.main(fge.get_args_parser().parse_args([*common, "--dir", str(tmp_path / "split")]))
     monkeypatch.undo()

@@ -60,7 +60,7 @@ def test_a_format_1_endpoint_evaluates_to_the_loss_its_run_logged():
     ck = checkpoints.load(fixture("endpoint-a-2.pt"))
     model = checkpoints.build_model(ck)
     _, test = dataset.build_loaders(ck.settings.data, torch.device("cpu"))
-    loss = evaluate(model, test, {"loss": build_loss()})["loss"]
+    loss = evaluate(model, test, {"loss": build_loss("mae")})["loss"]
     assert loss == pytest.approx(logged("endpoint-a-log.jsonl")[-1]["test_loss"], rel=1e-4)
 
 
@@ -103,7 +103,7 @@ def test_format_1_points_are_endpoints_of_a_segment(tmp_path):
     model = checkpoints.build_model(ck)
     train, test = dataset.build_loaders(ck.settings.data, torch.device("cpu"))
     update_bn(train.ordered(), model)  # the walk re-estimates BatchNorm at every point: so must we
-    assert segment["test_loss"][1] == pytest.approx(evaluate(model, test, {"loss": build_loss()})["loss"], rel=1e-5)
+    assert segment["test_loss"][1] == pytest.approx(evaluate(model, test, {"loss": build_loss("mae")})["loss"], rel=1e-5)
 
 
 def test_a_format_1_fge_run_resumes(tmp_path):

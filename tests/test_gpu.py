@@ -15,8 +15,9 @@ from aemc.data.synthetic import synthetic_faces
 from aemc.errors import Interrupted
 from aemc.evaluation import PointEvaluator, update_bn
 from aemc.losses import LPIPS
+from aemc.objective import training_objective
 from aemc.paths import walk
-from aemc.settings import Optimizer, Speed
+from aemc.settings import Optimizer, Run, Speed, Training
 from conftest import DATA, hook_loss, read_log, run_script, train_main
 from models.autoencoder import Autoencoder
 from models.curves import Bezier, connect
@@ -88,9 +89,11 @@ def test_a_training_epoch_syncs_with_the_host_only_periodically(resident, amp, m
     optimizer = trainer.make_optimizer(ADAM, model.parameters(), 0.0, device)
     scaler = speed.make_scaler(device, amp)
 
+    settings = Run(training=Training(noise_std=0.05), speed=Speed(amp=amp))  # the L1 loss
+    objective = training_objective(settings, curve=False, device=device)
+
     def epoch():
-        trainer.train_one_epoch(model, loader, optimizer, torch.nn.L1Loss(), noise_std=0.05, amp=amp,
-                                scaler=scaler, verbose=False)
+        trainer.train_one_epoch(model, loader, optimizer, objective, settings, scaler=scaler, verbose=False)
     epoch()  # warm-up: lazy initialisation, pinned staging blocks, the scaler's first steps
     calls = _allow_item_syncs(monkeypatch)
     torch.cuda.synchronize()
@@ -210,7 +213,9 @@ def test_a_compiled_evaluator_walks_a_curve_without_recompiling_per_point():
     model = torch.compile(curve)
     optimizer = trainer.make_optimizer(ADAM, [p for p in curve.parameters() if p.requires_grad], 0.0,
                                        torch.device("cuda"))
-    sums = trainer.train_one_epoch(model, train, optimizer, torch.nn.L1Loss(), curve_wd=1e-6, verbose=False)
+    settings = Run(training=Training(noise_std=0.0), optim=Optimizer(wd=1e-6))  # the L1 loss
+    sums = trainer.train_one_epoch(model, train, optimizer, training_objective(settings, curve=True, device=train.device),
+                                   settings, verbose=False)
     assert np.isfinite(sums["loss_sum"]) and sums["batches"] == len(train)
 
 

@@ -11,6 +11,8 @@ from aemc import checkpoints
 from aemc.data.loader import TensorLoader, to_float
 from aemc.data.synthetic import synthetic_faces
 from aemc.errors import UserError
+from aemc.objective import training_objective
+from aemc.settings import Run, Training
 from aemc.speed import autocast
 from conftest import TINY, read_log, train_main
 from models.autoencoder import Autoencoder
@@ -108,8 +110,9 @@ def test_no_host_sync_per_training_step(monkeypatch):
         return call
     for name in ("item", "tolist", "__bool__"):
         monkeypatch.setattr(torch.Tensor, name, counting(getattr(torch.Tensor, name)))
-    trainer.train_one_epoch(model, loader, torch.optim.Adam(model.parameters()), torch.nn.L1Loss(),
-                            noise_std=0.05, verbose=False)
+    settings = Run(training=Training(noise_std=0.05))  # the L1 loss
+    trainer.train_one_epoch(model, loader, torch.optim.Adam(model.parameters()),
+                            training_objective(settings, curve=False, device=loader.device), settings, verbose=False)
     # the sums are read at a few periodic checks and at the end: at most one sync per ten steps
     assert 1 <= calls["n"] <= 120 // 10
 

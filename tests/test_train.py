@@ -17,7 +17,8 @@ from aemc.data.loader import TensorLoader, to_float
 from aemc.data.synthetic import synthetic_faces
 from aemc.errors import Interrupted, UserError
 from aemc.losses import LaplacianPyramidLoss
-from aemc.settings import FORMAT, Optimizer
+from aemc.objective import Objective
+from aemc.settings import FORMAT, Optimizer, Run, Training
 from conftest import ROOT, TINY, hook_loss, read_log, run_script
 from models.autoencoder import Autoencoder
 
@@ -173,8 +174,10 @@ def test_denoising_noises_the_input_only_and_scores_against_the_clean_image(nois
     def loss_fn(out, target):
         targets.append(target.clone())
         return (out - target).abs().mean()
+    settings = Run(training=Training(noise_std=noise_std))
+    objective = Objective(reconstruction=loss_fn, beta=1.0, weight_decay=0.0, curve=False, settings=settings)
     trainer.train_one_epoch(model, TensorLoader(images, 64), torch.optim.SGD(model.parameters(), lr=0.0),
-                            loss_fn, noise_std=noise_std, verbose=False)
+                            objective, settings, verbose=False)
     clean = to_float(images).split(64)
     assert all(torch.equal(t, c) for t, c in zip(targets, clean))  # the loss sees the clean images
     noise = torch.cat([i - c for i, c in zip(model.inputs, clean)])
