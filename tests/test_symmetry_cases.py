@@ -4,10 +4,16 @@ model below once got a permutation that changed its function (issue 27, bugs 4-6
 parameters and BatchNorm statistics are all distinct, computes the same output in float64."""
 import copy
 
+import pytest
 import torch
 from torch import nn
 
 from models.symmetry import apply_permutation, permutation_spec, random_permutation
+
+
+@pytest.fixture(autouse=True)
+def seeded():
+    torch.manual_seed(0)  # the models' initial weights
 
 
 def randomised(model, seed=0):
