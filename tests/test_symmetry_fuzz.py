@@ -82,3 +82,20 @@ def test_every_permutation_the_derivation_allows_preserves_a_drawn_model(recipe)
 @given(recipes())
 def test_every_permutation_the_derivation_allows_preserves_a_drawn_model_many(recipe):
     check(recipe)
+
+
+# The counterexamples the fuzzer found in the derivation before issue 27's fixes, as hypothesis shrank them
+# (each failed there: a crash applying the permutation, a layer neither permuted nor named, a layer left in place)
+SHRUNK = [
+    (1, 4, 0, [("conv", 2, 3, 1, 1, 1, False, 0), ("conv", 2, 3, 1, 1, 2, False, 0), ("conv", 1, 3, 1, 1, 1, False, 0)]),
+    (1, 4, 0, [("flatten",), ("linear_to", 4, 2, 2), ("norm", "layer_w", 1), ("resize", 4), ("conv", 1, 3, 1, 1, 1, False, 0)]),
+    (1, 4, 0, [("flatten",), ("linear_to", 2, 4, 4), ("norm", "layer_w", 1), ("conv", 1, 3, 1, 1, 1, False, 0)]),
+    (1, 4, 0, [("cat", [("conv", 2, 3, 1, 1, 1, False, 0)]), ("conv", 1, 3, 1, 1, 1, False, 0)]),
+    (1, 4, 0, [("conv", 2, 3, 1, 1, 1, True, 0), ("conv", 1, 3, 1, 1, 1, False, 0)]),
+    (1, 4, 0, [("conv", 2, 3, 1, 1, 1, False, 0), ("conv", 1, 3, 1, 1, 1, True, 0)]),
+]
+
+
+@pytest.mark.parametrize("recipe", SHRUNK)
+def test_a_counterexample_the_fuzzer_found(recipe):
+    check(recipe)
