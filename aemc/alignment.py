@@ -34,21 +34,26 @@ def objective(spec, params_a, params_b, perms, signs):
     return float(sum((params_a[k] * permuted[k]).sum() for k in params_a))
 
 
-def _assignment(score, groups=1):
+def _assignment(score, groups, within=None):
     """The column assigned to each row maximising the total score (a permutation as a tensor).
-    With `groups` (a GroupNorm's), rows and columns come in that many consecutive groups and a
-    row may only take a column of the group its group is assigned: the best assignment within
-    every pair of groups, then the best assignment of groups to groups."""
+    With `groups` (a GroupNorm's, a grouped layer's), rows and columns come in that many
+    consecutive groups and a row may only take a column of the group its group is assigned; with
+    `within`, each group is runs of that many units and a row only a column of the same run of the
+    assigned group: the best assignment within every pair of runs, then of groups to groups."""
     from scipy.optimize import linear_sum_assignment  # a second to import: only when aligning
-    if groups == 1:
+    n = len(score)
+    k = n // groups
+    run = within or k
+    if groups == 1 and run == n:
         rows, cols = linear_sum_assignment(score.numpy(), maximize=True)
         return torch.as_tensor(cols)[torch.as_tensor(rows).argsort()]
-    k = len(score) // groups
     blocks = score.reshape(groups, k, groups, k).permute(0, 2, 1, 3)
-    within = [[_assignment(blocks[a, b]) for b in range(groups)] for a in range(groups)]
+    runs = range(0, k, run)
+    within = [[torch.cat([r + _assignment(blocks[a, b][r:r + run, r:r + run], 1) for r in runs])
+               for b in range(groups)] for a in range(groups)]
     totals = torch.tensor([[float(blocks[a, b][torch.arange(k), within[a][b]].sum()) for b in range(groups)]
                            for a in range(groups)])
-    to = _assignment(totals)
+    to = _assignment(totals, 1)
     return torch.cat([to[a] * k + within[a][int(to[a])] for a in range(groups)])
 
 
@@ -104,7 +109,7 @@ class _Matching:
         cost = torch.empty_like(current)  # [i, j] = <A_i, unit j of B, other perms applied>
         cost[:, perm] = current * sign.float()
         signed = self.use_signs and p in self.spec.signed
-        new = _assignment(cost.abs() if signed else cost, self.spec.groups.get(p, 1))
+        new = _assignment(cost.abs() if signed else cost, self.spec.groups.get(p, 1), self.spec.within.get(p))
         new_sign = torch.where(cost[torch.arange(n), new] < 0, -1.0, 1.0).double() if signed else sign
         inverse = perm.argsort()
         source = inverse[new]                # row of pi(B) that becomes row i
@@ -136,8 +141,8 @@ class _Matching:
 def activation_matching(spec, model_a, model_b, batches, use_signs=True):
     """Permutations (and signs) pairing each unit of B with the unit of A whose activations (the
     input of the layer that consumes them, all images and pixels of `batches`) correlate most."""
-    consumers = {name[:-len(".weight")]: p for p in spec.sizes for name, axis in spec.axes[p] if axis == 1}
-    stats = {p: None for p in spec.sizes}
+    consumers = {name[:-len(".weight")]: p for p in spec.sizes for name, _ in spec.consumed[p]}
+    stats = {p: None for p in set(consumers.values())}  # a perm no layer reads (only returned) stays as it is
     inputs = {}
 
     def hook(key, which):
@@ -168,7 +173,7 @@ def activation_matching(spec, model_a, model_b, batches, use_signs=True):
         std = torch.outer(std_a, std_b)
         corr = cov / (std + 1e-12)
         signed = use_signs and p in spec.signed
-        perms[p] = _assignment(corr.abs() if signed else corr, spec.groups.get(p, 1))
+        perms[p] = _assignment(corr.abs() if signed else corr, spec.groups.get(p, 1), spec.within.get(p))
         if signed:
             signs[p] = torch.where(corr[torch.arange(len(corr)), perms[p]] < 0, -1.0, 1.0)
     return perms, signs

@@ -25,7 +25,8 @@ def layer_groups(model):
             groups[part] = members
     try:
         spec = permutation_spec(model)
-        blocks = {p: [n for n, axis in spec.axes[p] if axis == 0 and n in names] for p in spec.sizes}
+        blocks = {p: [n for n, axis in spec.axes[p] if (n, axis) not in spec.consumed[p] and n in names]
+                  for p in spec.sizes}
     except NotImplementedError:  # a graph the derivation does not know: one block per layer
         blocks = {}
     covered = {n for members in blocks.values() for n in members}

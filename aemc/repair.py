@@ -20,10 +20,11 @@ variation and the chained layers' interplay in them. A measuring pass stops afte
 repaired layer, before the decoder's large convolutions: a repaired point of the original
 autoencoder costs about twice an ordinary one.
 
-Which layers: the hidden layers whose output (the channels a permutation moves, found by
-models.symmetry from the module graph) no BatchNorm follows. In the original autoencoder these are
-the first and the last encoder convolution, the latent Linear before Tanh and the decoder's first
-Linear: four of its eleven permuted layers.
+Which layers: every hidden layer (a Conv2d, ConvTranspose2d or Linear whose output is not the
+reconstruction, found by models.symmetry from the module graph) whose output does not go straight
+into a BatchNorm: every layer of a residual stream, a VAE's log-variance head as well as its mean
+head. In the original autoencoder these are the first and the last encoder convolution, the latent
+Linear before Tanh and the decoder's first Linear: four of its eleven hidden layers.
 
 Example::
     >>> layers = layers_to_repair(model)                      # ["encoder.0", "encoder.15", ...]
@@ -74,13 +75,14 @@ class _Measured(Exception):
 
 
 def layers_to_repair(model):
-    """The names of the hidden layers of `model` whose output no BatchNorm follows."""
+    """The names of the hidden layers of `model` (every Conv2d, ConvTranspose2d and Linear but the
+    one producing the reconstruction, found by models.symmetry from the module graph, each layer of
+    a group that shares a permutation too) whose output does not go straight into a BatchNorm."""
     try:
         spec = permutation_spec(model)
     except NotImplementedError as e:
         raise UserError(f"--repair needs the hidden layers derived from the model's graph: {e}")
-    followed_by_bn = {p for p, axes in spec.axes.items() if any(name.endswith(".running_mean") for name, _ in axes)}
-    return [p for p in spec.sizes if p not in followed_by_bn]
+    return [layer for layer in spec.hidden if layer not in spec.batchnormed]
 
 
 def install(module, layers):
@@ -88,7 +90,7 @@ def install(module, layers):
     (a buffer-only child: the module's parameters do not change) run by a forward hook."""
     for name in layers:
         layer = module.get_submodule(name)
-        channels = layer.weight.shape[0]
+        channels = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
         layer.add_module("repair", RepairNorm(channels).to(layer.weight.device))
         layer.register_forward_hook(lambda m, inputs, output: m.repair(output))
 
