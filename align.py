@@ -10,6 +10,8 @@ permutations, the signs, and A's and B's paths and SHA-256. Use it wherever an e
 `eval_curve.py --connect TRIVIAL --init_start A.pt --init_end B_aligned.pt`, `train.py --curve`.
 """
 import os
+import shlex
+import sys
 
 import dataset
 from aemc import checkpoints, distributed
@@ -17,7 +19,7 @@ from aemc.alignment import align_to
 from aemc.cli import ArgParser, positive, run_cli
 from aemc.errors import UserError
 from aemc.evaluation import output_difference
-from aemc.files import RunDir, file_digest
+from aemc.files import check_output_file, file_digest, output_stem
 from utils import add_align_args, add_arch_arg, add_device_arg, alignment_settings, allow_architecture, resolve_device
 
 ROUND_OFF = 1e-4  # max |pi(B)(x) - B(x)| allowed: float32 round-off of a reordered sum, not a new function
@@ -25,9 +27,10 @@ ROUND_OFF = 1e-4  # max |pi(B)(x) - B(x)| allowed: float32 round-off of a reorde
 
 def get_args_parser():
     p = ArgParser("align.py", description=__doc__.split("\n")[0])
-    p.add_argument("--init_start", required=True, metavar="A", help="the endpoint to align to")
-    p.add_argument("--init_end", required=True, metavar="B", help="the endpoint whose units are permuted")
-    p.add_argument("--out", required=True, help="where to write the aligned copy of B")
+    p.add_argument("--init_start", required=True, metavar="INIT_START", help="the endpoint to align to (A)")
+    p.add_argument("--init_end", required=True, metavar="INIT_END", help="the endpoint whose units are permuted (B)")
+    p.add_argument("--out", default=None, metavar="OUT",
+                   help="where to write the aligned copy of B (default: beside B, <B>-aligned-to-<A's folder>_<A>.pt)")
     add_device_arg(p)
     add_arch_arg(p)
     p.add_argument("--check_batches", type=positive(int), default=4,
@@ -42,8 +45,8 @@ def main(args):
     allow_architecture(args)
     device = resolve_device(args.device)
     (a, ack), (b, bck) = checkpoints.load_endpoints([args.init_start, args.init_end])
-    out_dir = os.path.dirname(os.path.abspath(args.out))
-    RunDir(out_dir)  # --out must be writable: fail now, in one line, not after the work
+    out = args.out or default_out(args.init_start, args.init_end)
+    check_output_file(out, "--out", force=True)  # --out must be writable: fail now, in one line, not after the work
     train_loader, test_loader = dataset.build_loaders(dataset.data_settings(args, bck.settings.data), device)
     a, b = a.to(device), b.to(device)
     aligned, record = align_to(a, b, alignment_settings(args), train_loader)
@@ -59,10 +62,21 @@ def main(args):
                         "nothing was written; please report this")
     source = dict(aligned_to={"path": os.path.abspath(args.init_start), "sha256": file_digest(args.init_start)},
                   original={"path": os.path.abspath(args.init_end), "sha256": file_digest(args.init_end)},
-                  alignment=record)
-    checkpoints.save(args.out, checkpoints.autoencoder(aligned.cpu(), bck.architecture, bck.settings, bck.epoch,
-                                                       source))
-    print(f"aligned copy of {args.init_end} written to {args.out}")
+                  alignment=record, command=shlex.join([sys.executable] + sys.argv))
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        checkpoints.save(out, checkpoints.autoencoder(aligned.cpu(), bck.architecture, bck.settings, bck.epoch,
+                                                      source))
+    except OSError as e:
+        raise UserError(f"cannot write --out {out}: {e.strerror or e}")
+    print(f"aligned copy of {args.init_end} written to {out}")
+    return out
+
+
+def default_out(start, end):
+    """<B's folder>/<B>-aligned-to-<A's folder>_<A>.pt: beside the checkpoint it is a copy of."""
+    name = os.path.splitext(os.path.basename(end))[0]
+    return os.path.join(os.path.dirname(os.path.abspath(end)), f"{name}-aligned-to-{output_stem(start)}.pt")
 
 
 if __name__ == "__main__":

@@ -143,6 +143,12 @@ def main(args):
     tracking.check_wandb(tracking_settings(args))
     if args.connect == "LAYERWISE" and (args.ensemble or args.repair):
         raise UserError("--connect LAYERWISE takes no --ensemble or --repair")
+    ends = [flag for flag in ("--init_start", "--init_end") if getattr(args, flag[2:])]
+    if args.connect == "CURVE" and ends:
+        raise UserError(f"--ckpt walks a trained curve, which holds its own ends: drop {' and '.join(ends)} "
+                        "(or walk the segment between two endpoints with --connect TRIVIAL and no --ckpt)")
+    if args.connect != "CURVE" and args.ckpt:
+        raise UserError(f"--connect {args.connect} walks the segment between --init_start and --init_end: drop --ckpt")
     session = open_session(args)
     device = session.device
     torch.manual_seed(args.seed)

@@ -13,7 +13,7 @@ from aemc import checkpoints, distributed
 from aemc.cli import ArgParser, positive, run_cli
 from aemc.errors import UserError
 from aemc.evaluation import update_bn
-from aemc.files import file_digest
+from aemc.files import check_output_file, file_digest
 from utils import add_arch_arg, add_device_arg, allow_architecture, resolve_device
 
 
@@ -21,7 +21,8 @@ def get_args_parser():
     p = ArgParser("extract_point.py", description=__doc__.split("\n")[0])
     p.add_argument("--ckpt", required=True, help="curve checkpoint")
     p.add_argument("--t", type=float, required=True, help="curve parameter in [0, 1]")
-    p.add_argument("--out", required=True, help="autoencoder checkpoint to write")
+    p.add_argument("--out", required=True, help="autoencoder checkpoint to write (an existing file is refused)")
+    p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     add_device_arg(p)
     add_arch_arg(p)
     p.add_argument("--bn_batches", type=positive(int), default=None,
@@ -34,6 +35,7 @@ def main(args):
     if not 0 <= args.t <= 1:
         raise UserError(f"--t must be in [0, 1], got {args.t}")
     distributed.refuse_several("extract_point.py")
+    check_output_file(args.out, "--out", force=args.force)  # before the work, not after it
     allow_architecture(args)
     device = resolve_device(args.device)
     ck = checkpoints.load(args.ckpt, kind="curve", flag="--ckpt")
@@ -41,8 +43,11 @@ def main(args):
     point = checkpoints.build_model(ck).to(device).point_at(args.t)
     update_bn(train_loader.ordered(), point, num_batches=args.bn_batches)
     source = dict(curve=os.path.abspath(args.ckpt), curve_sha256=file_digest(args.ckpt), t=args.t)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    checkpoints.save(args.out, checkpoints.autoencoder(point, ck.architecture, ck.settings, ck.epoch, source))
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        checkpoints.save(args.out, checkpoints.autoencoder(point, ck.architecture, ck.settings, ck.epoch, source))
+    except OSError as e:
+        raise UserError(f"cannot write --out {args.out}: {e.strerror or e}")
     print(f"theta({args.t:g}) of {args.ckpt} saved as an autoencoder checkpoint: {args.out}")
 
 

@@ -21,6 +21,7 @@ import time
 from aemc import architectures, distributed, scheduling, studies, study_tables, tracking
 from aemc.cli import ArgParser, positive, run_cli
 from aemc.errors import UserError
+from aemc.files import make_folder
 from aemc.losses import LOSSES
 from models.autoencoder import INITS, NORMS
 from models.curves import curve_name
@@ -138,8 +139,8 @@ def main(args):
         for stage in stages:
             print(stage.command(os.path.relpath(ROOT)))
         return {"stages": stages}
-    os.makedirs(args.dir, exist_ok=True)
-    state = studies.StudyState(args.dir)
+    state = studies.StudyState(args.dir, args.preset, stages)  # another preset's folder is refused
+    make_folder(args.dir)
     started = time.time()
     number = {stage.name: i for i, stage in enumerate(stages, start=1)}
     todo = {}

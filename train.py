@@ -256,6 +256,7 @@ def main(args):
     if args.sync_bn:
         model = speed.sync_batchnorm(model)
     model.to(device)
+    architectures.check_output(model, next(iter(test_loader))[:2], arch.name)  # a wrong shape fails now, in one line
     runner = speed.prepare_model(model, settings.speed, data_parallel=several)  # channels_last / DDP / compile
     scaler = speed.make_scaler(device, settings.speed.amp)
     # a curve's weight decay is the objective's explicit 0.5 * wd * ||theta(t)||^2 term, not the optimizer's

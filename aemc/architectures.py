@@ -12,6 +12,8 @@ Example::
 import importlib
 import inspect
 
+from torch import nn
+
 import models
 from aemc.errors import UserError, warn
 from aemc.settings import Architecture
@@ -42,10 +44,18 @@ def factory(name):
         raise UserError(f"the model is built by {name}, code of your own: pass --arch {name} to import it "
                         "(a checkpoint never imports code by itself)")
     try:
-        return getattr(importlib.import_module(module_name), function)
+        found = getattr(importlib.import_module(module_name), function)
     except (ImportError, AttributeError) as e:
         raise UserError(f"--arch {name}: cannot import it ({type(e).__name__}: {e}); is the package on the "
                         "Python path (run from the folder that holds it)?")
+    if not callable(found):
+        raise UserError(f"--arch {name}: {function} is {_kind(found)}, not a function or class that builds a model")
+    return found
+
+
+def _kind(value):
+    text = repr(value)
+    return f"a {type(value).__name__}" + (f" ({text})" if len(text) <= 40 else "")
 
 
 def accepted(name):
@@ -57,13 +67,49 @@ def accepted(name):
 def build(architecture):
     """A freshly initialised module of `architecture`. A module without a `config` dict gets one,
     the arguments it was built with (models.symmetry reads in_channels and image_size there)."""
+    build_it = factory(architecture.name)
     try:
-        module = factory(architecture.name)(**architecture.kwargs)
-    except (ValueError, TypeError) as e:
-        raise UserError(f"cannot build {architecture.name} with {architecture.kwargs}: {e}")
+        module = build_it(**architecture.kwargs)
+    except (ValueError, TypeError, RuntimeError) as e:  # arguments it refuses (torch: a negative size, ...)
+        raise UserError(f"cannot build {architecture.name} with {architecture.kwargs}: {_first_line(e)}")
+    # any other exception a factory of the user's own raises keeps its traceback: it points into their code
+    if not isinstance(module, nn.Module):
+        raise UserError(f"{architecture.name} returned {_kind(module)}, not a torch.nn.Module")
     if not isinstance(getattr(module, "config", None), dict):
         module.config = dict(architecture.kwargs)
     return module
+
+
+def _first_line(error):
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def check_output(model, images, name):
+    """Run `model` once on a few `images` (N, C, H, W), in eval mode, without gradients and without
+    touching the random state, and refuse in one line a model whose reconstruction does not have
+    the images' shape: that would otherwise fail mid-training with a broadcast error, or train
+    on a broadcast loss. A CurveNet is checked at its midpoint."""
+    import torch
+
+    from aemc.losses import reconstruction
+    devices = [images.device] if images.device.type == "cuda" else []
+    was_training = model.training
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
+        model.eval()
+        try:
+            at = (torch.tensor(0.5, device=images.device),) if hasattr(model, "point_at") else ()
+            out = model(images, *at)
+            shape = tuple(reconstruction(out).shape)
+        except (RuntimeError, ValueError, TypeError, IndexError, AttributeError) as e:
+            raise UserError(f"the model {name} fails on a batch of images of shape {tuple(images.shape)} "
+                            f"({type(e).__name__}: {_first_line(e)})")
+        finally:
+            model.train(was_training)
+    if shape != tuple(images.shape):
+        raise UserError(f"the model {name} returns {shape} for images of shape {tuple(images.shape)}: an "
+                        "autoencoder must return images of its input's shape (a VAE: (reconstruction, mean, "
+                        "log-variance))")
 
 
 def resolve(name, kwargs, data_shape):

@@ -11,8 +11,6 @@ from). Format 1 stored `model_config` (the autoencoder's arguments) and `args` (
 instead of architecture and settings; `load` reads both formats into a `Checkpoint`.
 """
 import os
-import pickle
-import zipfile
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -20,7 +18,7 @@ import torch
 
 from aemc import architectures, distributed
 from aemc.errors import UserError, warn
-from aemc.files import atomic_write, file_digest
+from aemc.files import atomic_write, file_digest, unreadable
 from aemc.settings import FORMAT, FORMATS, Architecture, Run
 from models.curves import CurveNet
 
@@ -42,6 +40,7 @@ class Checkpoint:
     rng: Optional[dict] = None
     source: Optional[dict] = None
     format: str = FORMAT               # the format it was read from
+    origin: Optional[str] = field(default=None, compare=False)  # "<flag> <path>" it was loaded as (for errors)
 
     @property
     def is_training_state(self):
@@ -70,29 +69,34 @@ def load(path, kind=None, flag="checkpoint", map_location="cpu"):
         raise UserError(f"{flag} {path!r} does not exist")
     try:
         raw = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise UserError(f"{flag} {path} was refused: it is not a plain checkpoint and loading it "
-                        f"could run code ({first[:160]})")
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
-        raise UserError(f"{flag} {path} is corrupt or not a PyTorch checkpoint "
-                        f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})")
+    except Exception as e:  # torch.load raises a zoo of types for files that are not checkpoints
+        raise UserError(f"{flag} {path} {unreadable(e, path)}")
     if not isinstance(raw, dict) or raw.get("format") not in FORMATS:
         if isinstance(raw, dict) and str(raw.get("format", "")).startswith("ae-mode-connectivity/"):
             raise UserError(f"{flag} {path} has format {raw['format']}, newer than this version reads; update the tool")
         raise UserError(f"{flag} {path} is not a checkpoint written by this tool")
+    needed = ("kind", "architecture" if raw["format"] == FORMAT else "model_config", "state_dict")
+    missing = [k for k in needed if not isinstance(raw.get(k), dict if k != "kind" else str)]
+    if missing:
+        raise UserError(f"{flag} {path} is damaged: it has this tool's format tag but no valid "
+                        f"{', '.join(missing)}; use another checkpoint")
     if kind is not None and raw.get("kind") != kind:
         raise UserError(f"{flag} {path} holds {_a(raw.get('kind'))}, expected {_a(kind)}")
-    if raw["format"] == FORMAT:
-        architecture = Architecture(**raw["architecture"])
-        settings = Run.from_dict(raw.get("settings") or {}, f"{flag} {path}")
-    else:  # format 1: the original autoencoder's arguments and the run's flags
-        architecture = Architecture("conv", dict(raw["model_config"]))
-        settings = Run.from_flags(raw.get("args"))
+    try:
+        if raw["format"] == FORMAT:
+            architecture = Architecture(**raw["architecture"])
+            settings = Run.from_dict(raw.get("settings") or {}, f"{flag} {path}")
+        else:  # format 1: the original autoencoder's arguments and the run's flags
+            architecture = Architecture("conv", dict(raw["model_config"]))
+            settings = Run.from_flags(raw.get("args"))
+    except (KeyError, TypeError, AttributeError) as e:
+        raise UserError(f"{flag} {path} is damaged: its architecture or settings cannot be read "
+                        f"({type(e).__name__}: {e}); use another checkpoint")
     return Checkpoint(kind=raw["kind"], architecture=architecture, state_dict=raw["state_dict"], settings=settings,
                       curve_config=raw.get("curve_config"), optimizer=raw.get("optimizer"),
                       scaler=raw.get("scaler"), epoch=raw.get("epoch", 0), batch=raw.get("batch", 0),
-                      sums=raw.get("sums"), rng=raw.get("rng"), source=raw.get("source"), format=raw["format"])
+                      sums=raw.get("sums"), rng=raw.get("rng"), source=raw.get("source"), format=raw["format"],
+                      origin=f"{flag} {path}")
 
 
 def _a(noun):
@@ -106,7 +110,14 @@ def build_model(checkpoint):
     if checkpoint.kind == "curve":
         c = checkpoint.curve_config
         model = CurveNet(model, c["curve"], c["num_bends"], c["fix_start"], c["fix_end"])
-    model.load_state_dict(checkpoint.state_dict)
+    try:
+        model.load_state_dict(checkpoint.state_dict)
+    except (RuntimeError, TypeError) as e:  # names or shapes that are not its architecture's
+        problems = [ln.strip().rstrip(".") for ln in str(e).splitlines()[1:] if ln.strip()]
+        first = problems[0] if problems else str(e).splitlines()[0]
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise UserError(f"{checkpoint.origin or 'the checkpoint'} is damaged: its weights do not fit the "
+                        f"{checkpoint.architecture.name} model it describes ({first}{more})")
     return model
 
 

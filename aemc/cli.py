@@ -4,6 +4,7 @@ import argparse
 import sys
 
 from aemc.errors import Interrupted, UserError, warn
+from aemc.files import discard_if_unused, forget_run_folders
 
 
 class ArgParser(argparse.ArgumentParser):
@@ -18,8 +19,13 @@ def run_cli(main, parser, argv=None):
     """Parse the command line (or `argv`) and run `main(args)`; expected failures exit without a
     traceback."""
     args = parser.parse_args(argv)
+    forget_run_folders()
     try:
-        main(args)
+        try:
+            main(args)
+        except BaseException:  # a run that failed before writing anything leaves no folder behind
+            discard_if_unused()
+            raise
     except Interrupted as e:
         warn(f"{parser.prog}: {e}")
         sys.exit(e.exit_code)

