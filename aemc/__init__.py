@@ -12,6 +12,7 @@ and third-party code. Its modules, by job:
     architectures a factory's name and keyword arguments -> a module (built-in or the user's)
     data          images as one in-memory uint8 tensor: CelebA, folders, synthetic faces; loaders
     checkpoints   the checkpoint schema: save atomically, load safely, rebuild the model
+    objective     a batch's training objective (reconstruction + beta * KL + curve weight decay)
     evaluation    one set of weights evaluated with BatchNorm re-estimated (PointEvaluator)
     paths         walks along curves and segments: statistics, barriers, length
     barriers      barriers under the literature's names (mean of the ends, line, midpoint), any metric

@@ -100,7 +100,7 @@ def test_after_repair_every_hidden_layer_has_the_interpolated_statistics(case):
     batches = [x for x in train]
     layers = hidden_layers_without_batchnorm(a, batches[0])
     evaluator = PointEvaluator(a, train, train, {"loss": nn.L1Loss()}, bn_batches=2,
-                               repair_layers=repair.layers_to_repair(a))
+                               repair_layers=repair.layers_to_repair(a), beta=4.0)  # beta: only the VAE's loss uses it
     segment = connect(a, b)
     ends = []
     for t in (0.0, 1.0):
