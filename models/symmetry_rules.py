@@ -140,7 +140,9 @@ class Perms:
         """Units of p taken m at a time (a reshape to fewer channels): every axis's block grows m-fold."""
         p = self.find(p)
         swap, free = self.constraint[p]
-        if self.sizes[p] % m or swap % m and swap != 1:
+        # a merged unit must hold whole runs of `swap` (m % swap == 0: the runs move whole) or
+        # lie inside one (swap % m == 0)
+        if self.sizes[p] % m or swap % m and m % swap:
             self.drop(p, f"{where} regroups units across the groups of a normalisation or a grouped layer")
             return p
         self.axes[p] = [(t, a, b * m) for t, a, b in self.axes[p]]

@@ -188,6 +188,11 @@ class Walk:
             if sa is None or sb is None or len(sa) != len(sb) or sa[1] != sb[1]:
                 self.drop_all(permuted, f"{node.name} combines tensors whose channels do not line up")
                 return
+            pa, pb = self.known(a), self.known(b)
+            na, nb = self.perms.sizes[pa], self.perms.sizes[pb]
+            if na != nb and max(na, nb) % min(na, nb) == 0:  # e.g. a flattened conv + a Linear's features:
+                finer = pa if na > nb else pb  # the finer perm's units taken together, in blocks of the coarser
+                self.perms.merge_units(finer, max(na, nb) // min(na, nb), node.name)
             self.perm_of[node] = self.perms.tie(self.known(a), self.known(b), node.name)
             if self.perm_of[node] is not None:
                 self.perms.paths[self.perm_of[node]].append(name)

@@ -93,6 +93,14 @@ SHRUNK = [
     (1, 4, 0, [("cat", [("conv", 2, 3, 1, 1, 1, False, 0)]), ("conv", 1, 3, 1, 1, 1, False, 0)]),
     (1, 4, 0, [("conv", 2, 3, 1, 1, 1, True, 0), ("conv", 1, 3, 1, 1, 1, False, 0)]),
     (1, 4, 0, [("conv", 2, 3, 1, 1, 1, False, 0), ("conv", 1, 3, 1, 1, 1, True, 0)]),
+    # found after the fixes (5 of 2,000 drawn models): a flattened conv's features added to a Linear's were
+    # left in place instead of permuted in blocks
+    (1, 6, 0, [("conv", 4, 2, 2, 0, 1, False, 0), ("norm", "batch", 1), ("act", "silu"), ("flatten",),
+               ("res", [("linear", 36), ("norm", "batch", 1)]), ("act", "silu"), ("linear_to", 1, 6, 6), ("act", "tanh")]),
+    # then: a GroupNorm on those features whose groups are smaller than a conv channel's block was
+    # left in place (a block holds whole groups: its moves keep every group together)
+    (1, 4, 0, [("conv", 2, 3, 1, 1, 1, False, 0), ("flatten",), ("res", [("linear", 32), ("norm", "group", 4)]),
+               ("linear_to", 1, 4, 4)]),
 ]
 
 
