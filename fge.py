@@ -77,7 +77,7 @@ def main(args):
     resume = checkpoints.load(args.resume, kind="autoencoder", flag="--resume") if args.resume else None
     if resume and not resume.is_training_state:
         raise UserError(f"--resume {args.resume} is not a training state; give checkpoint-last.pt of an FGE run")
-    trainer.check_fresh_run_dir(args.dir, args.resume)
+    trainer.check_fresh_run_dir(args.dir, args.resume, resume)
     source = checkpoints.load(args.ckpt, kind="autoencoder", flag="--ckpt")
     settings = run_settings(args, source)
     cycle = settings.fge
