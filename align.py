@@ -47,7 +47,9 @@ def main(args):
     (a, ack), (b, bck) = checkpoints.load_endpoints([args.init_start, args.init_end])
     out = args.out or default_out(args.init_start, args.init_end)
     check_output_file(out, "--out", force=True)  # --out must be writable: fail now, in one line, not after the work
-    train_loader, test_loader = dataset.build_loaders(dataset.data_settings(args, bck.settings.data), device)
+    data = dataset.data_settings(args, bck.settings.data)
+    dataset.report_inherited(args, data, "--init_end's run")
+    train_loader, test_loader = dataset.build_loaders(data, device)
     a, b = a.to(device), b.to(device)
     aligned, record = align_to(a, b, alignment_settings(args), train_loader)
     for sweep, value in enumerate(record["objective"]):

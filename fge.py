@@ -80,6 +80,7 @@ def main(args):
     trainer.check_fresh_run_dir(args.dir, args.resume, resume)
     source = checkpoints.load(args.ckpt, kind="autoencoder", flag="--ckpt")
     settings = run_settings(args, source)
+    dataset.report_inherited(args, settings.data, "--ckpt's run")
     cycle = settings.fge
     if resume:  # the schedule and the starting point must be the ones the run began with
         checkpoints.check_config(dataclasses.asdict(cycle), dataclasses.asdict(resume.settings.fge or Cycle()),

@@ -97,6 +97,7 @@ def main(args):
     session = Session(resolve_device(args.device), speed_settings(args), evaluation_settings(args))
     print(f"spawning {len(args.seeds)} copies of {args.source} at epoch {source.epoch}, each trained to epoch "
           f"{source.settings.training.epochs} with its own data order and noise (seeds {args.seeds})")
+    dataset.report_inherited(args, source.settings.data, "--from's run")  # spawn.py has no data flags
     started = time.time()
     copies = [train_copy(source, args.source, seed, os.path.join(args.dir, f"copy{i + 1}-seed{seed}"), session.device,
                          session.speed) for i, seed in enumerate(args.seeds)]
