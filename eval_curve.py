@@ -19,7 +19,7 @@ import torch
 import dataset
 from aemc import checkpoints, distributed, reports, tracking
 from aemc.alignment import align_to
-from aemc.cli import ArgParser, positive, run_cli
+from aemc.cli import ArgParser, description, positive, run_cli
 from aemc.ensembles import EndEnsembles
 from aemc.errors import UserError
 from aemc.evaluation import prior_samples, update_bn
@@ -40,7 +40,7 @@ from utils import (
 
 
 def get_args_parser():
-    p = ArgParser("eval_curve.py", description=__doc__.split("\n")[0])
+    p = ArgParser("eval_curve.py", description=description(__doc__))
     p.add_argument("--dir", default=None, help="output folder (default: <checkpoint folder>/eval)")
     p.add_argument("--ckpt", default=None, help="curve checkpoint (for --connect CURVE)")
     p.add_argument("--connect", type=str.upper, choices=("CURVE", "TRIVIAL", "LAYERWISE"), default="CURVE",
@@ -68,7 +68,8 @@ def get_args_parser():
                         "training batches for BatchNorm re-estimation at each t")
     p.add_argument("--num_images", type=positive(int), default=4,
                    help="test images in the GIFs (4); for a VAE also as many decoded prior samples")
-    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--seed", type=int, default=1,
+                   help="seed of the evaluation's random draws (a VAE's prior samples) (1)")
     add_align_args(p)
     dataset.add_data_args(p, inherit=True)
     tracking.add_tracking_args(p)

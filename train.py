@@ -21,7 +21,7 @@ import dataset
 import trainer
 from aemc import architectures, checkpoints, distributed, speed, tracking
 from aemc.alignment import align_to
-from aemc.cli import ArgParser, json_object, positive, run_cli
+from aemc.cli import ArgParser, description, json_object, positive, run_cli
 from aemc.errors import UserError, warn
 from aemc.evaluation import evaluate, update_bn
 from aemc.files import RunDir
@@ -46,7 +46,7 @@ RESUMED = "; on --resume the checkpoint's"
 
 
 def get_args_parser():
-    p = ArgParser("train.py", description=__doc__.split("\n")[0])
+    p = ArgParser("train.py", description=description(__doc__))
     g = p.add_argument_group("run")
     g.add_argument("--dir", required=True, help="run directory for checkpoints and logs")
     add_device_arg(g)
