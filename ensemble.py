@@ -186,7 +186,8 @@ def format_table(table, loss_name):
     for name, row in table.items():
         lines.append(f"{name:18s} {len(row['keys']):7d} " + " ".join(
             f"{row[part][m]:16.5f}" for m in metrics for part in ("member_mean", "ensemble", "gain")))
-    return f"test metrics (loss: {loss_name}; mean of the members, the ensemble, gain = mean - ensemble)\n" + \
+    return (f"test metrics (loss: {loss_name}; mean of the members, the ensemble, gain > 0: the ensemble is "
+            "better: mean - ensemble, for PSNR ensemble - mean)\n") + \
         "\n".join(lines)
 
 
