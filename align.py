@@ -16,7 +16,7 @@ import sys
 import dataset
 from aemc import checkpoints, distributed
 from aemc.alignment import align_to
-from aemc.cli import ArgParser, positive, run_cli
+from aemc.cli import ArgParser, description, positive, run_cli
 from aemc.errors import UserError
 from aemc.evaluation import output_difference
 from aemc.files import check_output_file, file_digest, output_stem
@@ -26,7 +26,7 @@ ROUND_OFF = 1e-4  # max |pi(B)(x) - B(x)| allowed: float32 round-off of a reorde
 
 
 def get_args_parser():
-    p = ArgParser("align.py", description=__doc__.split("\n")[0])
+    p = ArgParser("align.py", description=description(__doc__))
     p.add_argument("--init_start", required=True, metavar="INIT_START", help="the endpoint to align to (A)")
     p.add_argument("--init_end", required=True, metavar="INIT_END", help="the endpoint whose units are permuted (B)")
     p.add_argument("--out", default=None, metavar="OUT",
@@ -47,7 +47,9 @@ def main(args):
     (a, ack), (b, bck) = checkpoints.load_endpoints([args.init_start, args.init_end])
     out = args.out or default_out(args.init_start, args.init_end)
     check_output_file(out, "--out", force=True)  # --out must be writable: fail now, in one line, not after the work
-    train_loader, test_loader = dataset.build_loaders(dataset.data_settings(args, bck.settings.data), device)
+    data = dataset.data_settings(args, bck.settings.data)
+    dataset.report_inherited(args, data, "--init_end's run")
+    train_loader, test_loader = dataset.build_loaders(data, device)
     a, b = a.to(device), b.to(device)
     aligned, record = align_to(a, b, alignment_settings(args), train_loader)
     for sweep, value in enumerate(record["objective"]):

@@ -30,7 +30,7 @@ import dataset
 import trainer
 from aemc import architectures, checkpoints, resumable, speed
 from aemc.alignment import align
-from aemc.cli import ArgParser, positive, run_cli
+from aemc.cli import ArgParser, description, positive, run_cli
 from aemc.data import folder
 from aemc.data.loader import TensorLoader
 from aemc.data.synthetic import synthetic_faces
@@ -49,7 +49,7 @@ from utils import add_device_arg, resolve_device
 
 
 def get_args_parser():
-    p = ArgParser("bench.py", description=__doc__.split("\n")[0])
+    p = ArgParser("bench.py", description=description(__doc__))
     add_device_arg(p)
     p.add_argument("--quick", action="store_true", help="tiny configuration, few repeats")
     p.add_argument("--in_filters", type=positive(int), default=None, help="width f (64; quick: 4)")

@@ -19,7 +19,7 @@ import dataset
 from aemc import checkpoints, distributed, figures
 from aemc.alignment import apply_record
 from aemc.checkpoints import Checkpoint
-from aemc.cli import ArgParser, positive, run_cli
+from aemc.cli import ArgParser, description, positive, run_cli
 from aemc.errors import UserError
 from aemc.evaluation import evaluate, output_difference, weight_distance
 from aemc.losses import build_loss, reconstruction
@@ -35,7 +35,7 @@ class CheckFailed(UserError):
 
 
 def get_args_parser():
-    p = ArgParser("check_ends.py", description=__doc__.split("\n")[0])
+    p = ArgParser("check_ends.py", description=description(__doc__))
     p.add_argument("--ckpt", default=None, help="curve checkpoint to check")
     p.add_argument("--curve", type=curve_name, default=None,
                    help="without --ckpt: Bezier or PolyChain, built fresh")

@@ -13,20 +13,23 @@ from aemc.data import DATASETS, SYNTHETIC_DEFAULT_COUNT, build_loaders, load_ima
 from aemc.settings import Data
 
 
-def add_data_args(parser, inherit=False):
-    """The data flags every script shares. With `inherit`, a flag left out takes the value the
-    checkpoint's run used (see `data_settings`)."""
+def add_data_args(parser, inherit=False, title="data (default: as in the checkpoint's run)"):
+    """The data flags every script shares. With `inherit`, a flag left out is None: it takes the value
+    the checkpoint's run used (see `data_settings`); the help says `title` and the typed defaults."""
     d = (lambda k: None) if inherit else (lambda k: getattr(Data, k))
-    g = parser.add_argument_group("data" + (" (default: as in the checkpoint's run)" if inherit else ""))
+    g = parser.add_argument_group(title if inherit else "data")
     g.add_argument("--dataset", choices=DATASETS, default=d("dataset"),
-                   help="celeba, folder, synthetic, mnist, fashion_mnist or cifar10 (see docs/data.md)")
-    g.add_argument("--data_path", default=d("data_path"), help="CelebA root or image folder (data)")
+                   help="celeba, folder, synthetic, mnist, fashion_mnist or cifar10, see docs/data.md "
+                        f"({Data.dataset})")
+    g.add_argument("--data_path", default=d("data_path"), help=f"CelebA root or image folder ({Data.data_path})")
     g.add_argument("--max_images", type=positive(int), default=d("max_images"),
                    help=f"use the first N images (synthetic default: {SYNTHETIC_DEFAULT_COUNT})")
-    g.add_argument("--test_fraction", type=float, default=d("test_fraction"), help="test share of the 4:1 split")
-    g.add_argument("--batch_size", type=positive(int), default=d("batch_size"), help="(64)")
+    g.add_argument("--test_fraction", type=float, default=d("test_fraction"),
+                   help=f"test share of the fixed split ({Data.test_fraction})")
+    g.add_argument("--batch_size", type=positive(int), default=d("batch_size"),
+                   help=f"images per training step ({Data.batch_size})")
     g.add_argument("--num_workers", type=int, default=d("num_workers"),
-                   help="processes decoding images for the cache (4)")
+                   help=f"processes decoding images for the cache ({Data.num_workers})")
     g.add_argument("--image_size", type=positive(int), default=d("image_size"),
                    help="the side of the square images (synthetic, folder, celeba: 64; mnist, fashion_mnist, cifar10: "
                         "their own, or resized to this)")
@@ -43,6 +46,34 @@ def data_settings(args, inherited=None):
     else the defaults."""
     flags = {name: getattr(args, name) for name in Data.__dataclass_fields__ if getattr(args, name) is not None}
     return Data(**{**vars(inherited or Data()), **flags})
+
+
+def flag_text(name, value):
+    """A data setting as the flag that gives it: "--max_images 64", "--random_split"."""
+    if name == "native_split":
+        return "no --random_split" if value else "--random_split"
+    return f"--{name} {value}"
+
+
+def data_flags(data, names=None):
+    """`data`'s settings as the flags that give them ("--dataset synthetic --max_images 64 ..."), those
+    in `names` only; unset ones (None) and the dataset's own split (the default) are left out."""
+    words = []
+    for name, value in vars(data).items():
+        if names is not None and name not in names or value is None:
+            continue
+        if name != "native_split" or not value:
+            words.append(flag_text(name, value))
+    return " ".join(words)
+
+
+def report_inherited(args, data, whose):
+    """Print one line naming the data settings `data` took from `whose` run for the flags left out
+    (nothing when every flag was given)."""
+    left_out = [name for name in Data.__dataclass_fields__ if getattr(args, name, None) is None]
+    words = data_flags(data, left_out)
+    if words:
+        print(f"data as in {whose}: {words}")
 
 
 def get_args_parser():

@@ -21,7 +21,7 @@ import torch
 import dataset
 from aemc import checkpoints, distributed, reports
 from aemc.barriers import barriers, higher_is_better
-from aemc.cli import ArgParser, positive, run_cli
+from aemc.cli import ArgParser, description, positive, run_cli
 from aemc.ensembles import Ensemble, member_state, score_ensembles
 from aemc.errors import UserError
 from aemc.files import output_stem
@@ -47,7 +47,7 @@ def member_list(text):
 
 
 def get_args_parser():
-    p = ArgParser("ensemble.py", description=__doc__.split("\n")[0])
+    p = ArgParser("ensemble.py", description=description(__doc__))
     p.add_argument("--ckpt", default=None, help="curve checkpoint: ensembles of its points and its segment's")
     p.add_argument("--num_members", type=positive(int), default=None, help="K: equally spaced members, k = 2..K")
     p.add_argument("--members", type=member_list, default=None, metavar="T1,T2,...",
@@ -186,7 +186,8 @@ def format_table(table, loss_name):
     for name, row in table.items():
         lines.append(f"{name:18s} {len(row['keys']):7d} " + " ".join(
             f"{row[part][m]:16.5f}" for m in metrics for part in ("member_mean", "ensemble", "gain")))
-    return f"test metrics (loss: {loss_name}; mean of the members, the ensemble, gain = mean - ensemble)\n" + \
+    return (f"test metrics (loss: {loss_name}; mean of the members, the ensemble, gain > 0: the ensemble is "
+            "better: mean - ensemble, for PSNR ensemble - mean)\n") + \
         "\n".join(lines)
 
 

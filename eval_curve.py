@@ -19,10 +19,10 @@ import torch
 import dataset
 from aemc import checkpoints, distributed, reports, tracking
 from aemc.alignment import align_to
-from aemc.cli import ArgParser, positive, run_cli
+from aemc.cli import ArgParser, description, positive, run_cli
 from aemc.ensembles import EndEnsembles
 from aemc.errors import UserError
-from aemc.evaluation import prior_samples, update_bn
+from aemc.evaluation import evaluate, prior_samples, update_bn
 from aemc.layerwise import LayerwisePath, layer_groups
 from aemc.paths import PathKey, summary, walk
 from aemc.repair import layers_to_repair
@@ -40,7 +40,7 @@ from utils import (
 
 
 def get_args_parser():
-    p = ArgParser("eval_curve.py", description=__doc__.split("\n")[0])
+    p = ArgParser("eval_curve.py", description=description(__doc__))
     p.add_argument("--dir", default=None, help="output folder (default: <checkpoint folder>/eval)")
     p.add_argument("--ckpt", default=None, help="curve checkpoint (for --connect CURVE)")
     p.add_argument("--connect", type=str.upper, choices=("CURVE", "TRIVIAL", "LAYERWISE"), default="CURVE",
@@ -68,7 +68,8 @@ def get_args_parser():
                         "training batches for BatchNorm re-estimation at each t")
     p.add_argument("--num_images", type=positive(int), default=4,
                    help="test images in the GIFs (4); for a VAE also as many decoded prior samples")
-    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--seed", type=int, default=1,
+                   help="seed of the evaluation's random draws (a VAE's prior samples) (1)")
     add_align_args(p)
     dataset.add_data_args(p, inherit=True)
     tracking.add_tracking_args(p)
@@ -84,6 +85,7 @@ class Paths:
     sources: dict
     run: Run
     aligned_curve: bool = False
+    own_ends: tuple = None  # the endpoints with their own BatchNorm statistics, when known
 
 
 def load_paths(args):
@@ -92,7 +94,7 @@ def load_paths(args):
             raise UserError(f"--connect {args.connect} needs both --init_start and --init_end")
         (a, ack), (b, _) = checkpoints.load_endpoints([args.init_start, args.init_end])
         sources = {"init_start": args.init_start, "init_end": args.init_end}
-        return Paths({PathKey("segment"): connect(a, b)}, (a, b), sources, ack.settings)
+        return Paths({PathKey("segment"): connect(a, b)}, (a, b), sources, ack.settings, own_ends=(a, b))
     if not args.ckpt:
         raise UserError("--connect CURVE needs --ckpt (a curve checkpoint)")
     ck = checkpoints.load(args.ckpt, kind="curve", flag="--ckpt")
@@ -106,9 +108,13 @@ def load_paths(args):
     curve = checkpoints.build_model(ck)
     paths = {PathKey("curve", cfg["curve"], cfg["num_bends"], aligned): curve}
     ends = (curve.point_at(0.0), curve.point_at(1.0))
+    recorded = [cfg.get(k) for k in ("init_start", "init_end")]
+    own = None  # the endpoint checkpoints with their own BatchNorm statistics, when still there and unchanged
+    if not aligned and all(p and os.path.isfile(p) for p in recorded) and not checkpoints.endpoint_changes(cfg):
+        own = tuple(end for end, _ in checkpoints.load_endpoints(recorded))
     if not args.no_segment:
         paths[PathKey("segment", aligned=aligned)] = connect(*ends)
-    return Paths(paths, ends, {"ckpt": args.ckpt}, ck.settings, aligned)
+    return Paths(paths, ends, {"ckpt": args.ckpt}, ck.settings, aligned, own_ends=own)
 
 
 def add_derived_paths(args, loaded, session):
@@ -133,6 +139,32 @@ def add_derived_paths(args, loaded, session):
     for key in [k for k in paths if k.kind == "segment" and (args.repair or (args.align and k.aligned))]:
         paths[dataclasses.replace(key, repaired=True)] = paths[key]
     return paths, alignment
+
+
+END_LOSS_TOLERANCE = 0.01  # relative: re-estimated against stored BatchNorm statistics
+
+
+def compare_ends(loaded, results, session):
+    """BatchNorm is re-estimated at every t, the ends included, so the ends' losses differ from their
+    own (stored statistics, as check_ends.py evaluates them): say so when the model has BatchNorm; where
+    they differ by more than END_LOSS_TOLERANCE, print both. Returns {"start"/"end": {"own", "re-estimated"}}
+    of those that differ."""
+    if not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in loaded.ends[0].modules()):
+        return {}
+    print("note: BatchNorm is re-estimated at every t, the ends included, so the ends' losses here differ "
+          "from check_ends.py's (the checkpoints' own statistics)")
+    if loaded.own_ends is None:
+        return {}
+    differ = {}
+    for i, side in ((0, "start"), (-1, "end")):
+        model = loaded.own_ends[i].to(session.device)
+        own = evaluate(model, session.test_loader, {"loss": session.loss_fns["loss"]}, beta=session.loss.beta)["loss"]
+        walked = next(iter(results.values()))["test_loss"][i]
+        if abs(walked - own) > END_LOSS_TOLERANCE * abs(own):
+            differ[side] = {"own_bn": own, "re_estimated_bn": walked}
+            print(f"the {side}'s test loss: {walked:.5f} with BatchNorm re-estimated, {own:.5f} with its own "
+                  "statistics")
+    return differ
 
 
 def main(args):
@@ -194,12 +226,14 @@ def main(args):
         ratio = results[curve]["length"] / results[segment]["length"]
     for key, res in results.items():
         print(summary(key.label, res, ratio if key == curve else None))
+    ends_own_loss = compare_ends(loaded, results, session)
 
     config = {"flags": vars(args), **settings}
     files = reports.write_walks(
         base, walks=results, samples=samples.cpu(), loss_name=loss_name, sources=loaded.sources, config=config,
         lpips_source=settings["lpips"], length_ratio=ratio, alignment=alignment,
-        extra=dict(processes=processes, walk_seconds=walk_seconds, beta=session.loss.beta), ensemble=args.ensemble)
+        extra=dict(processes=processes, walk_seconds=walk_seconds, beta=session.loss.beta,
+                   **({"ends_own_bn_test_loss": ends_own_loss} if ends_own_loss else {})), ensemble=args.ensemble)
     for key in results:  # the report holds everything now
         os.remove(f"{base}-{key.name}.partial.npz")
     trackers = tracking.open_trackers(tracking_settings(args), session.out_dir, settings, "eval_curve",

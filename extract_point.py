@@ -10,7 +10,7 @@ import os
 
 import dataset
 from aemc import checkpoints, distributed
-from aemc.cli import ArgParser, positive, run_cli
+from aemc.cli import ArgParser, description, positive, run_cli
 from aemc.errors import UserError
 from aemc.evaluation import update_bn
 from aemc.files import check_output_file, file_digest
@@ -18,7 +18,7 @@ from utils import add_arch_arg, add_device_arg, allow_architecture, resolve_devi
 
 
 def get_args_parser():
-    p = ArgParser("extract_point.py", description=__doc__.split("\n")[0])
+    p = ArgParser("extract_point.py", description=description(__doc__))
     p.add_argument("--ckpt", required=True, help="curve checkpoint")
     p.add_argument("--t", type=float, required=True, help="curve parameter in [0, 1]")
     p.add_argument("--out", required=True, help="autoencoder checkpoint to write (an existing file is refused)")

@@ -17,7 +17,7 @@ import os
 import dataset
 import trainer
 from aemc import checkpoints, distributed, reports, speed, tracking
-from aemc.cli import ArgParser, positive, run_cli
+from aemc.cli import ArgParser, description, positive, run_cli
 from aemc.ensembles import Ensemble, member_state, score_ensembles
 from aemc.errors import UserError
 from aemc.evaluation import PointEvaluator, evaluate
@@ -36,7 +36,7 @@ from utils import (
 
 
 def get_args_parser():
-    p = ArgParser("fge.py", description=__doc__.split("\n")[0])
+    p = ArgParser("fge.py", description=description(__doc__))
     p.add_argument("--ckpt", required=True, help="the endpoint checkpoint to continue from")
     p.add_argument("--dir", required=True, help="run directory: checkpoints, snapshots, log, the ensemble table")
     p.add_argument("--cycle", type=positive(int), default=Cycle.cycle, help="epochs per cycle, even (4)")
@@ -44,7 +44,7 @@ def get_args_parser():
     p.add_argument("--lr_2", type=positive(float), default=None, help="the mid-cycle rate (1%% of lr_1)")
     p.add_argument("--epochs", type=positive(int), default=8, help="epochs of FGE training (8)")
     p.add_argument("--resume", default=None, metavar="CKPT", help="continue the FGE run saved in CKPT")
-    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--seed", type=int, default=1, help="seed of the FGE run's data order, noise and dropout (1)")
     add_evaluation_args(p, "also LPIPS (AlexNet) in the ensemble table",
                         "training batches for each snapshot's BatchNorm re-estimation in the table", loss=False)
     dataset.add_data_args(p, inherit=True)
@@ -77,9 +77,10 @@ def main(args):
     resume = checkpoints.load(args.resume, kind="autoencoder", flag="--resume") if args.resume else None
     if resume and not resume.is_training_state:
         raise UserError(f"--resume {args.resume} is not a training state; give checkpoint-last.pt of an FGE run")
-    trainer.check_fresh_run_dir(args.dir, args.resume)
+    trainer.check_fresh_run_dir(args.dir, args.resume, resume)
     source = checkpoints.load(args.ckpt, kind="autoencoder", flag="--ckpt")
     settings = run_settings(args, source)
+    dataset.report_inherited(args, settings.data, "--ckpt's run")
     cycle = settings.fge
     if resume:  # the schedule and the starting point must be the ones the run began with
         checkpoints.check_config(dataclasses.asdict(cycle), dataclasses.asdict(resume.settings.fge or Cycle()),

@@ -20,7 +20,7 @@ import torch
 import dataset
 from aemc import checkpoints, distributed, reports, resumable, tracking
 from aemc.barriers import NAMES, barriers, higher_is_better
-from aemc.cli import ArgParser, positive, run_cli
+from aemc.cli import ArgParser, description, positive, run_cli
 from aemc.errors import UserError
 from aemc.files import file_digest, output_stem
 from aemc.geometry import DegeneratePlane, Plane, names_and_shapes, vector
@@ -43,7 +43,7 @@ def margin(text):
 
 
 def get_args_parser():
-    p = ArgParser("plane.py", description=__doc__.split("\n")[0])
+    p = ArgParser("plane.py", description=description(__doc__))
     p.add_argument("--ckpt", default=None, help="curve checkpoint: its ends and its middle bend span the plane")
     p.add_argument("--init_start", default=None, help="without --ckpt: the autoencoder at (0, 0)")
     p.add_argument("--init_middle", default=None, help="without --ckpt: the autoencoder off the axis")

@@ -20,7 +20,7 @@ import numpy as np
 import dataset
 import trainer
 from aemc import checkpoints, distributed, reports, speed
-from aemc.cli import ArgParser, positive, run_cli
+from aemc.cli import ArgParser, description, positive, run_cli
 from aemc.errors import UserError
 from aemc.evaluation import Session, evaluate
 from aemc.files import RunDir, file_digest
@@ -31,7 +31,7 @@ from utils import add_evaluation_args, allow_architecture, evaluation_settings, 
 
 
 def get_args_parser():
-    p = ArgParser("spawn.py", description=__doc__.split("\n")[0])
+    p = ArgParser("spawn.py", description=description(__doc__))
     p.add_argument("--from", dest="source", required=True, metavar="CKPT",
                    help="a training state of an endpoint run (checkpoint-K.pt, K = 0 with train.py --save_init)")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2], help="one copy per seed (1 2)")
@@ -97,6 +97,7 @@ def main(args):
     session = Session(resolve_device(args.device), speed_settings(args), evaluation_settings(args))
     print(f"spawning {len(args.seeds)} copies of {args.source} at epoch {source.epoch}, each trained to epoch "
           f"{source.settings.training.epochs} with its own data order and noise (seeds {args.seeds})")
+    dataset.report_inherited(args, source.settings.data, "--from's run")  # spawn.py has no data flags
     started = time.time()
     copies = [train_copy(source, args.source, seed, os.path.join(args.dir, f"copy{i + 1}-seed{seed}"), session.device,
                          session.speed) for i, seed in enumerate(args.seeds)]

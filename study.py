@@ -19,7 +19,7 @@ import os
 import time
 
 from aemc import architectures, distributed, scheduling, studies, study_tables, tracking
-from aemc.cli import ArgParser, positive, run_cli
+from aemc.cli import ArgParser, description, positive, run_cli
 from aemc.errors import UserError
 from aemc.files import make_folder
 from aemc.losses import LOSSES
@@ -53,7 +53,7 @@ def numbers(kind):
 
 
 def get_args_parser():
-    p = ArgParser("study.py", description=__doc__.split("\n")[0])
+    p = ArgParser("study.py", description=description(__doc__))
     p.add_argument("--dir", required=True, help="the study's folder (stages, study.json, results)")
     p.add_argument("--preset", choices=tuple(studies.PRESETS), required=True,
                    help="tiny (CPU, minutes), small (4,000 built-in faces, 16 filters, 8 + 8 epochs), paper (the "

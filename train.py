@@ -21,13 +21,13 @@ import dataset
 import trainer
 from aemc import architectures, checkpoints, distributed, speed, tracking
 from aemc.alignment import align_to
-from aemc.cli import ArgParser, json_object, positive, run_cli
+from aemc.cli import ArgParser, description, json_object, positive, run_cli
 from aemc.errors import UserError, warn
 from aemc.evaluation import evaluate, update_bn
 from aemc.files import RunDir
 from aemc.losses import LOSSES
 from aemc.objective import training_objective
-from aemc.settings import Architecture, Loss, Optimizer, Run, Training
+from aemc.settings import Architecture, Data, Loss, Optimizer, Run, Training
 from models import ARCHITECTURES
 from models.autoencoder import INITS, NORMS
 from models.curves import T_SAMPLING, TSampler, connect, curve_name
@@ -36,28 +36,36 @@ from utils import (
     add_device_arg,
     add_speed_args,
     alignment_settings,
+    given,
     resolve_device,
     speed_settings,
     tracking_settings,
 )
 
+RESUMED = "; on --resume the checkpoint's"
+
 
 def get_args_parser():
-    p = ArgParser("train.py", description=__doc__.split("\n")[0])
+    p = ArgParser("train.py", description=description(__doc__))
     g = p.add_argument_group("run")
     g.add_argument("--dir", required=True, help="run directory for checkpoints and logs")
     add_device_arg(g)
-    g.add_argument("--seed", type=int, default=Training.seed, help="seed for init, shuffling, noise, dropout")
+    g.add_argument("--seed", type=int, default=None,
+                   help=f"seed of the initialisation, data order, noise, dropout and t ({Training.seed}){RESUMED}")
     g.add_argument("--resume", default=None, metavar="CKPT", help="continue the run saved in CKPT")
-    g.add_argument("--epochs", type=positive(int), default=Training.epochs)
+    g.add_argument("--epochs", type=positive(int), default=Training.epochs,
+                   help=f"epochs to train in all ({Training.epochs}); the schedule spans them; raise it on --resume "
+                        "to extend a run")
     g.add_argument("--save_freq", type=positive(int), default=Training.save_freq, help="checkpoint every N epochs")
     g.add_argument("--save_final", action=argparse.BooleanOptionalAction, default=Training.save_final,
                    help="write checkpoint-<epochs>.pt at the end (default: on)")
     g.add_argument("--save_init", action="store_true",
                    help="also write checkpoint-0.pt, the state before the first step (spawn.py starts from it)")
     g.add_argument("--verbose", action="store_true", help="print the model and the configuration")
-    g = dataset.add_data_args(p)
-    g.add_argument("--noise_std", type=float, default=Training.noise_std, help="denoising input noise std (0: off)")
+    g = dataset.add_data_args(p, inherit=True, title="data (default: the checkpoint's on --resume, the endpoints' "
+                                                     "for a curve, else the value shown)")
+    g.add_argument("--noise_std", type=float, default=None,
+                   help=f"denoising input noise std, 0: off ({Training.noise_std}){RESUMED}")
     g = p.add_argument_group("model and loss (default: from the checkpoint, else the original's)")
     g.add_argument("--loss_function", choices=LOSSES, default=None, help="mae (default) or laplacian")
     g.add_argument("--num_filters", type=positive(int), default=None, help="Laplacian pyramid levels (5)")
@@ -75,13 +83,16 @@ def get_args_parser():
     g.add_argument("--beta", type=float, default=None,
                    help="a VAE's loss is reconstruction + beta * KL (1); KL per pixel value, see docs")
     g = p.add_argument_group("optimizer")
-    g.add_argument("--optim_name", choices=("Adam", "SGD"), default=Optimizer.optim_name)
-    g.add_argument("--lr", type=positive(float), default=Optimizer.lr, help="initial learning rate")
-    g.add_argument("--beta_1", type=float, default=Optimizer.beta_1)
-    g.add_argument("--beta_2", type=float, default=Optimizer.beta_2)
-    g.add_argument("--momentum", type=float, default=Optimizer.momentum, help="SGD momentum")
-    g.add_argument("--wd", type=float, default=Optimizer.wd,
-                   help="weight decay (for a curve: 0.5 * wd * ||theta(t)||^2 added to the loss)")
+    g.add_argument("--optim_name", choices=("Adam", "SGD"), default=None,
+                   help=f"the optimizer: Adam (lr, beta_1, beta_2) or SGD (lr, momentum) ({Optimizer.optim_name})"
+                        f"{RESUMED}")
+    g.add_argument("--lr", type=positive(float), default=None, help=f"initial learning rate ({Optimizer.lr}){RESUMED}")
+    g.add_argument("--beta_1", type=float, default=None, help=f"Adam's beta_1 ({Optimizer.beta_1}){RESUMED}")
+    g.add_argument("--beta_2", type=float, default=None, help=f"Adam's beta_2 ({Optimizer.beta_2}){RESUMED}")
+    g.add_argument("--momentum", type=float, default=None, help=f"SGD momentum ({Optimizer.momentum}){RESUMED}")
+    g.add_argument("--wd", type=float, default=None,
+                   help=f"weight decay; for a curve 0.5 * wd * ||theta(t)||^2 added to the loss ({Optimizer.wd})"
+                        f"{RESUMED}")
     add_speed_args(p)
     p.add_argument("--sync_bn", action="store_true",
                    help="under torchrun on CUDA: BatchNorm statistics over the whole batch (SyncBatchNorm); "
@@ -108,33 +119,44 @@ def get_args_parser():
     return p
 
 
-def run_settings(args, resume):
-    """The run's settings from its flags; on --resume the loss and t sampling not given are the
-    checkpoint's, and a loss flag that contradicts it is an error."""
+# the settings that change what a run computes: a resume may not change them (--epochs may change,
+# and the device, speed and worker flags); the data's path may (the data moved), with a note
+RESULT_SETTINGS = {"data": [f for f in Data.__dataclass_fields__ if f not in ("num_workers", "data_path")],
+                   "loss": list(Loss.__dataclass_fields__), "optim": list(Optimizer.__dataclass_fields__),
+                   "training": ["seed", "noise_std"]}
+
+
+def run_settings(args, resume, endpoints_data=None):
+    """The run's settings: the flags given, else the checkpoint's on --resume (else, for the data, the
+    endpoints' `endpoints_data` of a fresh curve), else the defaults. A resume that changes a
+    setting of RESULT_SETTINGS is refused."""
     saved = resume.settings if resume else None
+    base = saved or Run(data=endpoints_data or Data())
+    training = Training(epochs=args.epochs, seed=base.training.seed if args.seed is None else args.seed,
+                        noise_std=base.training.noise_std if args.noise_std is None else args.noise_std,
+                        save_freq=args.save_freq, save_final=args.save_final,
+                        midpoint_bn_batches=args.midpoint_bn_batches,
+                        t_sampling=args.t_sampling or base.training.t_sampling, sync_bn=args.sync_bn)
+    run = Run(data=dataset.data_settings(args, base.data), loss=Loss(**{**vars(base.loss), **given(args, Loss)}),
+              optim=Optimizer(**{**vars(base.optim), **given(args, Optimizer)}), training=training,
+              speed=speed_settings(args))
     if saved is not None:
-        checkpoints.check_config({"loss_function": args.loss_function, "num_filters": args.num_filters,
-                                  "beta": args.beta}, asdict(saved.loss), "the checkpoint")
-    inherited = saved.loss if saved else Loss()
-    loss = Loss(loss_function=args.loss_function or inherited.loss_function,
-                num_filters=args.num_filters or inherited.num_filters,
-                beta=args.beta if args.beta is not None else inherited.beta)
-    training = Training(epochs=args.epochs, seed=args.seed, noise_std=args.noise_std, save_freq=args.save_freq,
-                        save_final=args.save_final, midpoint_bn_batches=args.midpoint_bn_batches,
-                        t_sampling=args.t_sampling or (saved.training.t_sampling if saved else Training.t_sampling),
-                        sync_bn=args.sync_bn)
-    optim = Optimizer(optim_name=args.optim_name, lr=args.lr, beta_1=args.beta_1, beta_2=args.beta_2,
-                      momentum=args.momentum, wd=args.wd)
-    run = Run(data=dataset.data_settings(args), loss=loss, optim=optim, training=training, speed=speed_settings(args))
-    if saved is not None:  # the flags rule, but a resumed run that silently changed its data or seed would surprise
         then, now = asdict(saved), asdict(run)
-        changed = [f"--{k} {now[part][k]} (checkpoint: {then[part][k]})" for part in ("data", "optim")
-                   for k in now[part] if now[part][k] != then[part][k] and k != "num_workers"]
-        changed += [f"--{k} {now['training'][k]} (checkpoint: {then['training'][k]})" for k in ("seed", "noise_std")
-                    if now["training"][k] != then["training"][k]]
+        changed = [f"{dataset.flag_text(k, now[part][k])} (the checkpoint's: {dataset.flag_text(k, then[part][k])})"
+                   for part, keys in RESULT_SETTINGS.items() for k in keys if now[part][k] != then[part][k]]
         if changed:
-            warn("note: resuming with other settings than the checkpoint's: " + ", ".join(changed)
-                 + "; give the run's flags again to continue it exactly")
+            raise UserError(f"--resume {args.resume}: the run was trained with other settings: {', '.join(changed)}; "
+                            "leave those flags out to continue it (--epochs, the device and speed flags may change), "
+                            "or train a new run in a new --dir")
+        if run.data.data_path != saved.data.data_path:
+            warn(f"note: --data_path {run.data.data_path}: the run was trained on {saved.data.data_path}; "
+                 "resuming on the same images there")
+    elif endpoints_data is not None:
+        changed = dataset.data_flags(run.data, [k for k in RESULT_SETTINGS["data"]
+                                                if getattr(run.data, k) != getattr(endpoints_data, k)])
+        if changed:
+            warn(f"warning: {changed}: the endpoints were trained on other data "
+                 f"({dataset.data_flags(endpoints_data, RESULT_SETTINGS['data'])})")
     return run
 
 
@@ -166,7 +188,13 @@ def build_endpoint(args, resume, data_shape):
     return architectures.build(arch), arch, None
 
 
-def build_curve(args, resume, train_loader, data_shape):
+def load_ends(args):
+    """{flag: Checkpoint} of the endpoints given (--init_start, --init_end)."""
+    given = {flag: path for flag, path in (("--init_start", args.init_start), ("--init_end", args.init_end)) if path}
+    return {flag: checkpoints.load(path, kind="autoencoder", flag=flag) for flag, path in given.items()}
+
+
+def build_curve(args, resume, saved, train_loader, data_shape):
     """A CurveNet between the endpoint checkpoints (or, on --resume, as the checkpoint says); with
     --align, its end is the --init_end endpoint with its units matched to the start's."""
     if resume:
@@ -179,10 +207,8 @@ def build_curve(args, resume, train_loader, data_shape):
         base = architectures.build(arch)
         return connect(None, None, cfg["curve"], cfg["num_bends"], cfg["fix_start"], cfg["fix_end"],
                        init_linear=False, template=base), arch, cfg
-    given = {flag: path for flag, path in (("--init_start", args.init_start), ("--init_end", args.init_end)) if path}
-    saved = {flag: checkpoints.load(path, kind="autoencoder", flag=flag) for flag, path in given.items()}
     if len(saved) == 2:
-        checkpoints.check_same_architecture(list(saved.values()), list(given.values()))
+        checkpoints.check_same_architecture(list(saved.values()), [args.init_start, args.init_end])
     else:
         warn("warning: without --init_start and --init_end the ends of the curve start from the "
              "architecture's initialisation")
@@ -227,14 +253,17 @@ def main(args):
     if resume and args.curve and resume.kind != "curve":
         raise UserError(f"--resume {args.resume} holds an autoencoder, not a curve; drop --curve")
     is_curve = bool(args.curve) or (resume is not None and resume.kind == "curve")
-    settings = run_settings(args, resume)
+    trainer.check_fresh_run_dir(args.dir, args.resume, resume)
+    ends = load_ends(args) if is_curve and not resume else {}  # a fresh curve's data is its endpoints'
+    settings = run_settings(args, resume, next(iter(ends.values())).settings.data if ends else None)
+    if ends:
+        dataset.report_inherited(args, settings.data, f"{next(iter(ends))}'s run")
     speed.configure(device, settings.speed)
     if args.sync_bn and not (several and device.type == "cuda"):
         raise UserError("--sync_bn needs several processes on CUDA (torchrun --nproc-per-node G ... --device cuda)")
     if args.sync_bn and is_curve and settings.training.t_sampling != "shared":
         raise UserError("--sync_bn averages BatchNorm statistics over processes, which only makes sense when "
                         "they all run the same point of the curve: add --t_sampling shared")
-    trainer.check_fresh_run_dir(args.dir, args.resume)
     run = RunDir(args.dir) if distributed.is_main() else None
     objective = training_objective(settings, curve=is_curve, device=device)
     loss_fn = objective.reconstruction  # the test loss is the reconstruction alone
@@ -245,7 +274,7 @@ def main(args):
                                                       speed=settings.speed,
                                                       shard=True)
     data_shape = tuple(train_loader.images.shape[1:])
-    model, arch, curve_config = (build_curve(args, resume, train_loader, data_shape) if is_curve
+    model, arch, curve_config = (build_curve(args, resume, ends, train_loader, data_shape) if is_curve
                                  else build_endpoint(args, resume, data_shape))
     t_sampler = None
     if is_curve and several:
@@ -263,8 +292,9 @@ def main(args):
     optimizer = trainer.make_optimizer(settings.optim, [p for p in model.parameters() if p.requires_grad],
                                        objective.optimizer_weight_decay, device)
     if run is not None:  # the flags, with what the checkpoints decided in place of those left out
-        run.save_args({**vars(args), **arch.kwargs, **asdict(settings.loss), **(curve_config or {}),
-                       "t_sampling": settings.training.t_sampling})
+        run.save_args({**vars(args), **arch.kwargs, **asdict(settings.data), **asdict(settings.loss),
+                       **asdict(settings.optim), **(curve_config or {}), "seed": settings.training.seed,
+                       "noise_std": settings.training.noise_std, "t_sampling": settings.training.t_sampling})
     if args.verbose:
         print(model)
         print(settings)

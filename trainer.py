@@ -296,11 +296,54 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-def check_fresh_run_dir(path, resume):
-    """Refuse to start a fresh run on top of another one (it would overwrite its checkpoints)."""
-    if resume is None and os.path.isfile(os.path.join(path, "log.jsonl")):
-        raise UserError(f"{path} already holds a run; continue it with --resume "
-                        f"{os.path.join(path, 'checkpoint-last.pt')} or choose a new --dir")
+def check_fresh_run_dir(path, resume_path, resume=None):
+    """Refuse what would overwrite a run already in `path`: a fresh run (no `resume_path`) on top
+    of it, or a resume from any state but its newest (that would rewrite its later checkpoints and
+    log). `resume` is the loaded Checkpoint at `resume_path`; a resume into a folder without a run
+    (a branch) is fine."""
+    last = os.path.join(path, "checkpoint-last.pt")
+    holds_run = os.path.isfile(os.path.join(path, "log.jsonl")) or os.path.isfile(last)
+    if resume_path is None:
+        if holds_run:
+            raise UserError(f"{path} already holds a run; continue it with --resume {last} or choose a new --dir")
+        return
+    if resume is None or not holds_run:
+        return
+    newest, name = newest_state(path)
+    given = (resume.epoch, resume.batch)
+    if given != newest:
+        raise UserError(
+            f"--resume {resume_path} is the state after {_position(*given)}, but {path} holds its run up to "
+            f"{_position(*newest)} ({name}); resuming there would overwrite the later checkpoints and log: "
+            f"resume {name}, or branch off into a new --dir")
+
+
+def _position(epoch, batch):
+    return f"epoch {epoch}" + (f" and {batch} batches of epoch {epoch + 1}" if batch else "")
+
+
+def newest_state(path):
+    """The newest training state of the run in `path`, from what it recorded (never file times):
+    ((epoch, batch), file name) of checkpoint-last.pt (rewritten after every epoch and on Ctrl-C),
+    or of the last epoch log.jsonl records when that is later."""
+    import json
+    found = [((-1, 0), "nothing")]
+    last = os.path.join(path, "checkpoint-last.pt")
+    if os.path.isfile(last):
+        ck = checkpoints.load(last, flag=f"the run's {last}")
+        found.append(((ck.epoch, ck.batch), last))
+    log = os.path.join(path, "log.jsonl")
+    if os.path.isfile(log):
+        epochs = []
+        with open(log) as f:
+            for line in f:
+                try:
+                    epochs.append(int(json.loads(line)["epoch"]))
+                except (ValueError, KeyError, TypeError):  # a line cut by a kill, or not an epoch's
+                    pass
+        if epochs:
+            found.append(((max(epochs), 0), os.path.join(path, f"checkpoint-{max(epochs)}.pt")))
+    return max(found, key=lambda found: found[0])  # a tie: checkpoint-last.pt
 
 
 class TrainingState:

@@ -15,6 +15,12 @@ class ArgParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def description(doc):
+    """A script's --help description: the whole first paragraph of its docstring, as one line (its
+    first line alone may stop mid-sentence)."""
+    return " ".join(doc.strip().split("\n\n")[0].split())
+
+
 def run_cli(main, parser, argv=None):
     """Parse the command line (or `argv`) and run `main(args)`; expected failures exit without a
     traceback."""

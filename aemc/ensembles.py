@@ -4,9 +4,12 @@
   a checkpoint), evaluated in eval mode; its output f_k(x) is in [-1, 1].
 * The ensemble's reconstruction is the mean of its members' outputs, scored with the run's own
   loss (and L1, and LPIPS) exactly like a single model.
-* gain = mean of the members' losses - the ensemble's loss. For L1 and the Laplacian-pyramid loss
-  (a linear map followed by L1) it is never negative, by convexity, and it is 0 when the members
-  agree. Averaging blurs: LPIPS may get worse while L1 improves, so both are reported.
+* gain: positive when the ensemble is better than its members on average. For a metric where lower
+  is better (a loss, LPIPS) it is the mean of the members' values - the ensemble's value; for one
+  where higher is better (PSNR) the ensemble's value - the members' mean (`gain`). For L1 and the
+  Laplacian-pyramid loss (a linear map followed by L1) it is never negative, by convexity, and it is
+  0 when the members agree. Averaging blurs: LPIPS may get worse while L1 improves, so both are
+  reported.
 * diversity between two members = mean |f_a(x) - f_b(x)| over the test images and their pixels.
 """
 from collections import defaultdict
@@ -16,8 +19,18 @@ import torch
 from torch.func import functional_call
 
 from aemc import repair
+from aemc.barriers import higher_is_better
 from aemc.losses import reconstruction
 from aemc.speed import accumulator_dtype, autocast
+
+GAIN = ("gain > 0: the ensemble is better (the members' mean - the ensemble's value for losses and LPIPS, "
+        "the ensemble's value - the members' mean for PSNR)")
+
+
+def gain(metric, members_mean, ensemble):
+    """How much better the ensemble is than its members on average, in `metric`'s units: positive
+    when it is better, whichever way the metric points (PSNR: higher is better)."""
+    return ensemble - members_mean if higher_is_better(metric) else members_mean - ensemble
 
 
 class Ensemble(NamedTuple):
@@ -79,7 +92,7 @@ class EndEnsembles:
                 for name in self.fns:
                     value = (sums[f"ensemble_{side}_{name}"] / state["images"]).item()
                     out[f"ensemble_{side}_{name}"] = value
-                    out[f"ensemble_{side}_{name}_gain"] = 0.5 * (point[name] + other[name]) - value
+                    out[f"ensemble_{side}_{name}_gain"] = gain(name, 0.5 * (point[name] + other[name]), value)
             return out
         return on_batch, finish
 
@@ -92,7 +105,7 @@ def score_ensembles(module, members, ensembles, test_batches, loss_fns, image_me
     (`members`: {key: state dict}) through torch.func.functional_call, in eval mode;
     ensembles: [Ensemble]. Returns {ensemble name: {"family", "keys", "members": [per-member
     {metric: value}], "member_mean": {...}, "ensemble": {...}, "gain": {...}}}, metrics per image
-    averaged over the test images; gain = member_mean - ensemble.
+    averaged over the test images; "gain" as `gain` (positive: the ensemble is better).
     """
     module.eval()
     device = test_batches.device
@@ -120,7 +133,8 @@ def score_ensembles(module, members, ensembles, test_batches, loss_fns, image_me
         ensemble = {m: (v / n).item() for m, v in ensemble_sums[e.name].items()}
         mean = {m: sum(member_values[k][m] for k in e.keys) / len(e.keys) for m in fns}
         table[e.name] = {"family": e.family, "keys": list(e.keys), "members": [member_values[k] for k in e.keys],
-                         "member_mean": mean, "ensemble": ensemble, "gain": {m: mean[m] - ensemble[m] for m in fns}}
+                         "member_mean": mean, "ensemble": ensemble,
+                         "gain": {m: gain(m, mean[m], ensemble[m]) for m in fns}}
     return table
 
 

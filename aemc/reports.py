@@ -13,6 +13,7 @@ from typing import NamedTuple
 import numpy as np
 
 from aemc import barriers, figures
+from aemc.ensembles import GAIN
 from aemc.evaluation import VAE_OBJECTIVE
 from aemc.files import atomic_write, file_digest, output_stem, write_json
 from aemc.paths import IMAGES, PathKey
@@ -82,7 +83,7 @@ def write_walks(base, *, walks, samples, loss_name, sources, config, lpips_sourc
             figures.save_strip(None, prior, res["ts"], f"{key.label}: decoded prior samples",
                                files[f"{key.name}_prior_strip"])
     files["json"] = base + ".json"
-    report = {"config": config, "loss": loss_name, "units": UNITS,
+    report = {"config": config, "loss": loss_name, "units": UNITS, "gain": GAIN,
               "checkpoints": checkpoint_records(sources, os.path.dirname(base)),
               "lpips_weights": lpips_source, "length_ratio": length_ratio, "alignment": alignment, **(extra or {}),
               "paths": {key.name: {"path": key.to_dict(), "label": key.label,
@@ -112,6 +113,9 @@ def read_walks(path):
             entry["barriers"] = {m: barriers.from_format_1(b) for m, b in entry["barriers"].items()}
         if any(OLD_VAE_OBJECTIVE in k for k in entry):
             report.setdefault("beta", 1.0)
+        if "gain" not in report:  # written when every gain was members' mean - ensemble, PSNR's too
+            entry = {k: [-g for g in v] if k.endswith("_gain") and barriers.higher_is_better(k[:-len("_gain")])
+                     else v for k, v in entry.items()}
         paths[key] = _renamed(entry)
     return WalkReport(paths, report.get("length_ratio"), report.get("loss"), report)
 
@@ -179,8 +183,7 @@ def write_ensembles(base, *, table, loss_name, sources, config, lpips_source=Non
                 f"{row[p][m]:.6f}" for m in metrics for p in ("member_mean", "ensemble", "gain")) + "\n")
     figures.plot_ensembles(table, loss_name, files["plot"], os.path.basename(base))
     files["json"] = base + ".json"
-    report = {"config": config, "loss": loss_name, "units": "test metrics on images in [-1, 1]; "
-              "gain = mean of the members' values - the ensemble's value",
+    report = {"config": config, "loss": loss_name, "units": "test metrics on images in [-1, 1]", "gain": GAIN,
               "checkpoints": checkpoint_records(sources, os.path.dirname(base)),
               "lpips_weights": lpips_source, **(extra or {}), "ensembles": table,
               "files": {role: os.path.basename(path) for role, path in files.items()}}

@@ -68,6 +68,10 @@ def _write_inputs(tmp):
         f.write(FACTORIES)
     with open(os.path.join(tmp, "existing.pt"), "wb") as f:
         f.write(b"an earlier result")
+    os.makedirs(os.path.join(tmp, "v1run"))  # a run stopped after epoch 2 of 2, as train.py left it
+    for name, fixture in (("checkpoint-1.pt", "endpoint-a-1.pt"), ("checkpoint-2.pt", "endpoint-a-2.pt"),
+                          ("checkpoint-last.pt", "endpoint-a-2.pt"), ("log.jsonl", "endpoint-a-log.jsonl")):
+        shutil.copy(os.path.join(V1, fixture), os.path.join(tmp, "v1run", name))
     os.makedirs(os.path.join(tmp, "tiny-study"))
     with open(os.path.join(tmp, "tiny-study", "study.json"), "w") as f:
         f.write('{"preset": "tiny", "stages": {}}')
@@ -81,6 +85,20 @@ def _cases(tmp):
     return {
         "text as --resume": ("train.py", ["--dir", p("run"), *SYN, "--resume", p("text.pt")],
                              ["--resume", "text.pt", "not a PyTorch file"]),
+        "resume an older checkpoint into its run": ("train.py", ["--dir", p("v1run"), "--resume",
+                                                                 p("v1run/checkpoint-1.pt"), "--epochs", "3", *DATA],
+                                                    ["checkpoint-1.pt", "after epoch 1", "up to epoch 2",
+                                                     "--resume", "checkpoint-last.pt", "new --dir"]),
+        "resume with another --seed and --lr": ("train.py", ["--dir", p("v1run"), "--resume",
+                                                             p("v1run/checkpoint-last.pt"), "--epochs", "3",
+                                                             "--seed", "5", "--lr", "0.01", *DATA],
+                                                ["other settings", "--seed 5 (the checkpoint's: --seed 1)",
+                                                 "--lr 0.01 (the checkpoint's: --lr 0.001)", "leave those flags out"]),
+        "resume with other data settings": (
+            "train.py", ["--dir", p("v1run"), "--resume", p("v1run/checkpoint-last.pt"), "--epochs", "3",
+                         "--max_images", "48", "--random_split", *DATA],
+            ["--max_images 48 (the checkpoint's: --max_images 64)",
+             "--random_split (the checkpoint's: no --random_split)"]),
         "text as check_ends --ckpt": ("check_ends.py", ["--ckpt", p("text.pt"), *DATA],
                                       ["--ckpt", "text.pt", "not a PyTorch file"]),
         "text as eval_curve --ckpt": ("eval_curve.py", ["--ckpt", p("text.pt"), *DATA],

@@ -247,3 +247,30 @@ def test_a_changed_or_missing_endpoint_file_is_named(ends, tmp_path, capsys):
     os.remove(a)
     with pytest.raises(UserError, match=r"the --init_start endpoint .*a.pt recorded in the curve is gone"):
         check_ends.main(check_ends.get_args_parser().parse_args(["--ckpt", curve, "--device", "cpu"]))
+
+
+@pytest.mark.slow
+def test_a_curve_without_data_flags_trains_on_its_endpoints_data(tmp_path, monkeypatch):
+    """The v1 fixtures' endpoints were trained on 64 synthetic images in batches of 16: a curve given
+    no data flag inherits them (it used to try to download CelebA) and says so in one line."""
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")  # a download attempt fails at once
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+    v1 = os.path.join(os.path.dirname(__file__), "fixtures", "v1")
+    start, end = os.path.join(v1, "endpoint-a-2.pt"), os.path.join(v1, "endpoint-b-2.pt")
+    common = ["--curve", "Bezier", "--init_start", start, "--init_end", end, "--fix_start", "--fix_end",
+              "--epochs", "1", "--device", "cpu", "--num_workers", "0", "--midpoint_bn_batches", "1"]
+    r = run_script("train.py", "--dir", tmp_path / "inherit", *common)
+    assert r.returncode == 0, r.stderr
+    endpoint = checkpoints.load(start).settings.data
+    assert (endpoint.dataset, endpoint.max_images, endpoint.batch_size) == ("synthetic", 64, 16)
+    (line,) = [s for s in r.stdout.splitlines() if s.startswith("data as in")]
+    assert line.startswith("data as in --init_start's run: --dataset synthetic")
+    assert "--max_images 64" in line and "--batch_size 16" in line and "--num_workers" not in line
+    curve = checkpoints.load(str(tmp_path / "inherit" / "checkpoint-1.pt")).settings.data
+    assert curve == endpoint.__class__(**{**vars(endpoint), "num_workers": 0})
+    # a data flag given that differs from the endpoints': allowed, with one warning line
+    r = run_script("train.py", "--dir", tmp_path / "other", *common, "--max_images", "48")
+    assert r.returncode == 0, r.stderr
+    (warning,) = [s for s in r.stderr.splitlines() if s.startswith("warning")]
+    assert "--max_images 48" in warning and "endpoints" in warning and "--max_images 64" in warning
+    assert checkpoints.load(str(tmp_path / "other" / "checkpoint-1.pt")).settings.data.max_images == 48

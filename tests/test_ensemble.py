@@ -62,6 +62,34 @@ def test_members_on_either_side_of_the_target_average_to_it(images):
     assert row["gain"]["loss"] == pytest.approx(row["member_mean"]["loss"], rel=1e-5)
 
 
+def test_a_gain_is_positive_when_the_ensemble_is_better_for_losses_and_for_psnr(images):
+    """Members x + d and x - d/2 average to x + d/4: better in L1 (lower) and in PSNR (higher), and
+    both gains are positive. PSNR of x + s d is -10 log10(mean((s d / 2)^2)) for every image."""
+    from aemc.losses import psnr
+    d = 0.2 * torch.randn(3, 64, 64, generator=torch.Generator().manual_seed(3))
+    (row,) = score_ensembles(Shift(), shifts(d, -0.5 * d), [Ensemble("pair", ["m0", "m1"])], images,
+                             {"loss": nn.L1Loss()}, {"psnr": psnr}).values()
+    by_hand = {s: -10 * np.log10(((s * d.double() / 2) ** 2).mean().item()) for s in (1, 0.5, 0.25)}
+    assert row["member_mean"]["psnr"] == pytest.approx((by_hand[1] + by_hand[0.5]) / 2, abs=1e-3)
+    assert row["ensemble"]["psnr"] == pytest.approx(by_hand[0.25], abs=1e-3)
+    assert row["gain"]["psnr"] == pytest.approx(20 * np.log10(4) - 10 * np.log10(2), abs=1e-3)  # 9.03 dB
+    assert row["gain"]["loss"] == pytest.approx(0.5 * d.abs().mean().item(), rel=1e-4)  # (1 + 0.5) / 2 - 1/4
+    table = ensemble.format_table({"pair": row}, "mae")
+    assert "gain > 0: the ensemble is better" in table and f"{row['gain']['psnr']:16.5f}" in table
+
+
+def test_walk_reports_written_before_the_sign_convention_read_back_with_it(tmp_path):
+    from aemc.reports import read_walks
+    entry = {"path": PathKey("segment").to_dict(), "ts": [0.0, 1.0], "ensemble_start_psnr_gain": [0.0, -2.5],
+             "ensemble_start_loss_gain": [0.0, 0.1], "ensemble_end_lpips_gain": [0.2, 0.0]}
+    for name, extra, psnr_gain in (("old", {}, [0.0, 2.5]), ("new", {"gain": "gain > 0: ..."}, [0.0, -2.5])):
+        with open(tmp_path / f"{name}.json", "w") as f:
+            json.dump({"loss": "mae", "paths": {"segment": entry}, **extra}, f)
+        (path,) = read_walks(str(tmp_path / f"{name}.json")).paths.values()
+        assert path["ensemble_start_psnr_gain"] == psnr_gain  # old: ensemble - mean, like the losses' mean - ensemble
+        assert path["ensemble_start_loss_gain"] == [0.0, 0.1] and path["ensemble_end_lpips_gain"] == [0.2, 0.0]
+
+
 @pytest.mark.parametrize("seed", range(5))
 def test_the_gain_is_never_negative_for_l1_and_the_pyramid_loss(images, seed):
     g = torch.Generator().manual_seed(seed)

@@ -406,3 +406,39 @@ def test_train_batches_caps_the_training_split_to_its_first_batches():
     parsed = eval_curve.get_args_parser().parse_args(["--ckpt", "c.pt", "--train_batches", "10"])
     from utils import evaluation_settings
     assert evaluation_settings(parsed).train_batches == 10
+
+
+@pytest.mark.slow
+def test_the_walk_says_its_ends_have_re_estimated_batchnorm_and_reports_both_losses_where_they_differ(tmp_path):
+    import copy
+    import json as json_
+
+    from aemc import checkpoints as ckpts
+    from aemc.data.loader import to_float
+    from aemc.evaluation import update_bn as by_update_bn
+    from conftest import run_script
+    v1 = os.path.join(os.path.dirname(__file__), "fixtures", "v1")
+    a_path, b_path = os.path.join(v1, "endpoint-a-2.pt"), os.path.join(v1, "endpoint-b-2.pt")
+    r = run_script("eval_curve.py", "--connect", "TRIVIAL", "--init_start", a_path, "--init_end", b_path,
+                   "--num_points", "2", "--device", "cpu", "--num_workers", "0", "--dir", tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert sum("BatchNorm is re-estimated at every t, the ends included" in s for s in r.stdout.splitlines()) == 1
+    ck = ckpts.load(a_path)
+    train, test = dataset.split_images(dataset.load_images(ck.settings.data), ck.settings.data.test_fraction)
+    x_train, x_test = to_float(train), to_float(test)
+    (report,) = [f for f in os.listdir(tmp_path) if f.endswith(".json")]
+    report = json_.load(open(tmp_path / report))
+    for side, path in (("start", a_path), ("end", b_path)):
+        model = ckpts.build_model(ckpts.load(path)).eval()
+        with torch.no_grad():
+            own = (model(x_test) - x_test).abs().mean().item()  # its own statistics, by hand
+            again = copy.deepcopy(model)
+            by_update_bn([x_train[i:i + 16] for i in range(0, len(x_train), 16)], again)
+            re_estimated = (again.eval()(x_test) - x_test).abs().mean().item()
+        reported = report.get("ends_own_bn_test_loss", {}).get(side)
+        if abs(re_estimated - own) > 0.01 * own:
+            assert reported["own_bn"] == pytest.approx(own, rel=1e-4)
+            assert reported["re_estimated_bn"] == pytest.approx(re_estimated, rel=1e-4)
+            assert f"{own:.5f} with its own statistics" in r.stdout
+        else:
+            assert reported is None

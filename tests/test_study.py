@@ -135,3 +135,31 @@ def test_bad_presets_and_names_are_one_clear_line(tmp_path):
         r = run_script("study.py", "--dir", tmp_path, *argv)
         assert r.returncode == 2 and expected in r.stderr, r.stderr
         assert len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_ctrl_c_of_a_study_while_a_stage_trains_leaves_no_temporaries_and_the_rerun_completes(tmp_path):
+    """Ctrl-C in a terminal reaches the whole process group: the study and the training stage it runs.
+    Both stop (non-zero exit), nothing half-written is left, and the same command again finishes."""
+    root = str(tmp_path / "study")
+    argv = ["--dir", root, "--preset", "tiny", "--losses", "mae", "--inits", "normal,kaiming_normal",
+            "--max_images", "40", "--num_points", "2", "--curve_epochs", "1"]
+    with open(tmp_path / "stderr.txt", "w") as err:
+        proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "study.py"), *argv], cwd=ROOT,
+                                stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+        last = os.path.join(root, "endpoints", "mae-normal", "checkpoint-last.pt")
+        deadline = time.time() + 120
+        while time.time() < deadline and not os.path.exists(last):  # epoch 1 done: epoch 2 is training
+            time.sleep(0.05)
+        assert os.path.exists(last), "the first stage never finished an epoch"
+        os.killpg(proc.pid, signal.SIGINT)
+        code = proc.wait(timeout=120)
+    assert code != 0, open(tmp_path / "stderr.txt").read()
+    left = [os.path.join(folder, name) for folder, _, names in os.walk(root) for name in names if ".tmp-" in name]
+    assert not left
+    assert (recorded(root, "curve mae normal/kaiming_normal") or {}).get("output_sha256") is None
+    result = run_study(*argv)
+    (row,) = result["rows"]
+    assert os.path.isfile(row["report"]) and os.path.isfile(result["files"]["csv"])
+    with open(os.path.join(root, "endpoints", "mae-normal", "log.jsonl")) as f:
+        assert [json.loads(line)["epoch"] for line in f] == [1, 2]  # resumed where it stopped, nothing twice
