@@ -10,8 +10,8 @@ For a metric m sampled at t in [0, 1] along a path (m(0), m(1) its ends):
   permutation invariance in linear mode connectivity"); 0 for a monotone or convex path, the
   natural definition for unequal ends. Garipov et al. (NeurIPS 2018) show the curve directly.
 * `barrier_midpoint` = m(0.5) - (m(0) + m(1)) / 2: the cheap estimate of Jordan et al. (ICLR 2023,
-  "REPAIR") and of the instability analysis of Frankle et al., from the path's midpoint only
-  (None when t = 0.5 was not sampled).
+  "REPAIR"), from the path's midpoint only (None when t = 0.5 was not sampled). Frankle et al.'s
+  instability analysis takes the maximum over t (`barrier_mean_ends`), not the midpoint.
 * each also `..._relative`: divided by the mean of the end values.
 
 For metrics where higher is better (PSNR), the barrier is computed on -m, so that a barrier is
