@@ -62,6 +62,10 @@ def get_args_parser():
     p.add_argument("--widths", type=numbers(int), default=None, help="width preset: the base widths (8,16,32,64)")
     p.add_argument("--spawn_epochs", type=numbers(int), default=None,
                    help="instability preset: the epochs to spawn copies at (0,1,2,4,6)")
+    p.add_argument("--pairs", type=positive(int), default=None,
+                   help="width, instability: independent pairs of endpoints (or parent runs) per row, each with "
+                        "its own seeds; tables give the mean, the standard deviation and paired differences with "
+                        "a 95%% t interval over them (preset: 3)")
     p.add_argument("--losses", type=names(LOSSES, "loss"), default=None,
                    help="(mae,laplacian; width, instability: mae)")
     p.add_argument("--inits", type=names(INITS, "init"), default=None,
@@ -110,6 +114,9 @@ def settings_from(args):
                  if getattr(args, f.name, None) is not None}
     overrides.update({k: tuple(v) for k, v in overrides.items() if isinstance(v, list)})
     settings = dataclasses.replace(studies.PRESETS[args.preset], **overrides)
+    if settings.kind == "grid" and settings.pairs != 1:
+        raise UserError(f"--pairs: the {args.preset} preset pairs init schemes (--inits); --pairs is for the width and "
+                        "instability presets")
     if settings.kind == "grid" and len(settings.inits) < 2:
         raise UserError("--inits needs at least two init schemes: a curve joins two of them")
     return settings
@@ -164,7 +171,7 @@ def main(args):
         scheduling.report_failures(scheduling.run_local(stages, todo, state, ROOT, args.max_parallel, log=log,
                                                         tracking=logging))
     rows = study_tables.results(args.dir, settings)
-    files = study_tables.write_tables(args.dir, rows)
+    files = study_tables.write_tables(args.dir, settings, rows)
     files["figure"] = study_tables.write_figure(args.dir, settings, rows)
     if track.wandb:  # the table, in the study's group
         trackers = tracking.open_trackers(track, args.dir, dataclasses.asdict(settings), "study", name="results")

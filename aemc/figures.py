@@ -134,18 +134,35 @@ def plot_loss_grid(rows, path):
     fig.savefig(path)
 
 
+def _over_pairs(ax, rows, x_key, y_key, colour, label):
+    """Every pair's values against x as a thin line, and their mean with the standard deviation as
+    error bars (one pair: the line alone)."""
+    import numpy as np
+    xs = sorted({row[x_key] for row in rows})
+    pairs = sorted({row.get("pair", 1) for row in rows})
+    by = {(row[x_key], row.get("pair", 1)): row[y_key] for row in rows}
+    for pair in pairs:
+        ax.plot(xs, [by.get((x, pair), np.nan) for x in xs], "-", color=colour, linewidth=0.6, alpha=0.35)
+    values = [[by[(x, p)] for p in pairs if (x, p) in by] for x in xs]
+    means = [float(np.mean(v)) for v in values]
+    spread = [float(np.std(v, ddof=1)) if len(v) > 1 else 0.0 for v in values]
+    ax.errorbar(xs, means, yerr=spread, fmt="-o", color=colour, capsize=3, markersize=4,
+                label=f"{label} (mean ± sd, {len(pairs)} pair{'s' if len(pairs) > 1 else ''})")
+    return xs
+
+
 def plot_width(rows, path):
     """barrier_line of the test loss against the base width f (log scale), one line per path: the
-    segment, the aligned segment, aligned + REPAIR, the trained curve (Ainsworth et al.'s Fig. 4)."""
+    segment, the aligned segment, aligned + REPAIR, the trained curve (Ainsworth et al.'s Fig. 4):
+    the mean over pairs with error bars, and every pair as a thin line."""
     from matplotlib.figure import Figure
     fig = Figure(figsize=(6, 4), dpi=120)
     ax = fig.subplots()
-    widths = [row["width"] for row in rows]
     paths = (("segment", "segment", "tab:red"), ("aligned_segment", "aligned segment", "tab:green"),
              ("aligned_repaired_segment", "aligned segment + REPAIR", "tab:purple"),
              ("curve", "trained curve", "tab:blue"))
     for prefix, label, colour in paths:
-        ax.plot(widths, [row[f"{prefix}_barrier_line"] for row in rows], "-", marker="o", color=colour, label=label)
+        widths = _over_pairs(ax, rows, "width", f"{prefix}_barrier_line", colour, label)
     ax.set_xscale("log", base=2)
     ax.set_xticks(widths, [str(w) for w in widths])
     _save_barrier_plot(fig, ax, "width f (filters of the first layer)",
@@ -154,13 +171,12 @@ def plot_width(rows, path):
 
 def plot_instability(rows, path):
     """The barrier of the segment between two copies spawned at epoch K against K (Frankle et al.
-    2020, Fig. 1): the epoch after which the copies end in one linearly connected basin."""
+    2020, Fig. 1): the mean over parent runs with error bars, every parent's as a thin line."""
     from matplotlib.figure import Figure
     fig = Figure(figsize=(6, 4), dpi=120)
     ax = fig.subplots()
-    ks = [row["spawn_epoch"] for row in rows]
     for name, colour in (("barrier_mean_ends", "tab:red"), ("barrier_line", "tab:blue")):
-        ax.plot(ks, [row[f"segment_{name}"] for row in rows], "-", marker="o", color=colour, label=name)
+        _over_pairs(ax, rows, "spawn_epoch", f"segment_{name}", colour, name)
     _save_barrier_plot(fig, ax, "epoch K the copies were spawned at", "test loss barrier between the copies", path)
 
 

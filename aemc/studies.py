@@ -3,12 +3,15 @@ state file that makes a study resumable. Three kinds:
 
 * grid (the original project's experiment): endpoints for every (loss, init), curves between every
   pair of inits, the check of their ends, their evaluation (and planes);
-* width (Ainsworth et al.'s width figure, for autoencoders): at every width, two endpoints of one
-  init scheme and different seeds, the curve between them, and one evaluation of their segment,
-  aligned segment, aligned + REPAIR segment and curve;
-* instability (Frankle et al. 2020): one run that keeps a checkpoint per epoch (and its
-  initialisation), and at each chosen epoch K two copies spawned with other data orders, trained to
-  the end, and the barrier between them.
+* width (Ainsworth et al.'s width figure, for autoencoders): at every width and for each of
+  `pairs` pairs, two endpoints of one init scheme and different seeds, the curve between them, and
+  one evaluation of their segment, aligned segment, aligned + REPAIR segment and curve;
+* instability (Frankle et al. 2020): `pairs` parent runs that keep a checkpoint per epoch (and their
+  initialisation), and for each, at each chosen epoch K, two copies spawned with other data orders,
+  trained to the end, and the barrier between them.
+
+The width and instability tables give, over the pairs, each barrier's mean and standard deviation
+and the paired differences that compare two paths (or two K) with a t interval (aemc.intervals).
 
 A stage is finished when its output file exists with the SHA-256 recorded when it finished;
 finished stages are skipped, an interrupted training resumes from its checkpoint-last.pt, and a
@@ -35,6 +38,8 @@ class StudySettings:
     kind: str = "grid"                # grid | width | instability
     widths: tuple = (8, 16, 32, 64)   # width: the base widths f
     spawn_epochs: tuple = (0, 1, 2, 4)  # instability: the epochs K the copies are spawned at
+    pairs: int = 1                    # width, instability: independent pairs (seeds) per row
+    confidence: float = 0.95          # of the paired differences' t intervals
     arch: Optional[str] = None        # train.py's --arch (None: conv, the original's)
     arch_kwargs: Optional[str] = None  # its --arch_kwargs (JSON)
     norm: Optional[str] = None
@@ -80,11 +85,11 @@ PRESETS = {
     "paper": StudySettings(dataset="celeba", max_images=None, in_filters=64, latent_dim=128, batch_size=64, lr=1e-4,
                            epochs=100, curve_epochs=100, num_points=21, grid_points=21, num_workers=4, lpips=True),
     # barriers against width: endpoints of one init scheme, different seeds (--widths to change them)
-    "width": StudySettings(kind="width", widths=(8, 16, 32, 64), dataset="synthetic", max_images=4000, latent_dim=64,
-                           batch_size=64, lr=1e-3, epochs=8, curve_epochs=8, num_points=11, num_workers=4,
-                           losses=("mae",), inits=("normal",)),
+    "width": StudySettings(kind="width", widths=(8, 16, 32, 64), pairs=3, dataset="synthetic", max_images=4000,
+                           latent_dim=64, batch_size=64, lr=1e-3, epochs=8, curve_epochs=8, num_points=11,
+                           num_workers=4, losses=("mae",), inits=("normal",)),
     # the barrier between copies spawned at epoch K against K (--spawn_epochs to change them)
-    "instability": StudySettings(kind="instability", spawn_epochs=(0, 1, 2, 4, 6), dataset="synthetic",
+    "instability": StudySettings(kind="instability", spawn_epochs=(0, 1, 2, 4, 6), pairs=3, dataset="synthetic",
                                  max_images=4000, in_filters=16, latent_dim=64, batch_size=64, lr=1e-3, epochs=8,
                                  num_points=11, num_workers=4, losses=("mae",), inits=("normal",)),
 }
@@ -173,33 +178,51 @@ def _plan_width(root, settings):
     stages = []
     for f in settings.widths:
         size = ["--in_filters", str(f), *_model_flags(settings, ("latent_dim",))]
-        ends = []
-        for seed in (1, 2):
-            stages.append(_endpoint(f"endpoint f={f} seed {seed}", os.path.join(root, f"f{f}", f"seed{seed}"),
-                                    settings, loss, init, seed, size, common))
-            ends.append(stages[-1].output)
-        stages.append(_curve(f"curve f={f}", os.path.join(root, f"f{f}", "curve"), settings, loss, ends, common))
-        stages.append(_evaluation(f"eval_curve f={f}", os.path.join(root, f"f{f}", "eval"), settings,
-                                  stages[-1].output, align=True))
+        for pair in range(1, settings.pairs + 1):
+            folder, ends = width_folder(root, f, pair), []
+            for seed in (2 * pair - 1, 2 * pair):  # pair p: seeds 2p - 1 and 2p, never shared between pairs
+                stages.append(_endpoint(f"endpoint f={f} pair {pair} seed {seed}", os.path.join(folder, f"seed{seed}"),
+                                        settings, loss, init, seed, size, common))
+                ends.append(stages[-1].output)
+            stages.append(_curve(f"curve f={f} pair {pair}", os.path.join(folder, "curve"), settings, loss, ends,
+                                 common))
+            stages.append(_evaluation(f"eval_curve f={f} pair {pair}", os.path.join(folder, "eval"), settings,
+                                      stages[-1].output, align=True))
     return stages
+
+
+def width_folder(root, width, pair):
+    return os.path.join(root, f"f{width}", f"pair{pair}")
+
+
+def instability_folder(root, pair):
+    return os.path.join(root, f"pair{pair}")
+
+
+def spawn_seeds(pair):
+    """The seeds of pair `pair`'s two copies (its parent's seed is `pair`): none shared."""
+    return 1000 * pair + 1, 1000 * pair + 2
 
 
 def _plan_instability(root, settings):
     common = _flags(settings, DATA_FLAGS) + _flags(settings, SPEED_FLAGS)
     size = _model_flags(settings)
-    parent = os.path.join(root, "parent")
-    stages = [_endpoint("parent run", parent, settings, settings.losses[0], settings.inits[0], 1, size, common,
-                        extra=("--save_init",))]
     for k in settings.spawn_epochs:
         if not 0 <= k < settings.epochs:
             raise UserError(f"--spawn_epochs {k}: copies are spawned at an epoch from 0 to {settings.epochs - 1}")
-        source = os.path.join(parent, f"checkpoint-{k}.pt")
-        folder = os.path.join(root, f"spawn-{k}")
-        stages.append(Stage(f"spawn at epoch {k}", [
-            "spawn.py", "--from", source, "--seeds", "2", "3", "--dir", folder,
-            "--num_points", str(settings.num_points), *_flags(settings, ("lpips", "device", *SPEED_FLAGS)),
-            *_reader_flags(settings)],
-            os.path.join(folder, "spawn.json"), [source]))
+    stages = []
+    for pair in range(1, settings.pairs + 1):
+        parent = os.path.join(instability_folder(root, pair), "parent")
+        stages.append(_endpoint(f"parent run {pair}", parent, settings, settings.losses[0], settings.inits[0], pair,
+                                size, common, extra=("--save_init",)))
+        for k in settings.spawn_epochs:
+            source = os.path.join(parent, f"checkpoint-{k}.pt")
+            folder = os.path.join(instability_folder(root, pair), f"spawn-{k}")
+            stages.append(Stage(f"spawn at epoch {k} from parent {pair}", [
+                "spawn.py", "--from", source, "--seeds", *map(str, spawn_seeds(pair)), "--dir", folder,
+                "--num_points", str(settings.num_points), *_flags(settings, ("lpips", "device", *SPEED_FLAGS)),
+                *_reader_flags(settings)],
+                os.path.join(folder, "spawn.json"), [source]))
     return stages
 
 

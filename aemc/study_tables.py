@@ -1,10 +1,12 @@
 """A study's results, read from each stage's own report (through aemc.reports, the code that wrote
-it): one row per (loss, pair of inits), per width or per spawn epoch; results.csv, results.md and
-the study's figure."""
+it): one row per (loss, pair of inits), per (width, pair) or per (spawn epoch, parent run);
+results.csv (every row), results.md (for width and instability: the mean and standard deviation
+over the pairs, and the paired differences with t intervals, aemc.intervals) and the study's
+figure."""
 import itertools
 import os
 
-from aemc import figures, reports
+from aemc import figures, intervals, reports, studies
 from aemc.files import atomic_write
 from aemc.paths import PathKey
 
@@ -26,13 +28,15 @@ def _path_barriers(walk, prefix):
 
 def _width_rows(root, settings):
     rows = []
-    for f in settings.widths:
-        curve = os.path.join(root, f"f{f}", "curve", f"checkpoint-{settings.curve_epochs}.pt")
-        report_path = reports.walk_report(os.path.join(root, f"f{f}", "eval"), {"ckpt": curve}, settings.num_points,
+    for f, pair in itertools.product(settings.widths, range(1, settings.pairs + 1)):
+        folder = studies.width_folder(root, f, pair)
+        curve = os.path.join(folder, "curve", f"checkpoint-{settings.curve_epochs}.pt")
+        report_path = reports.walk_report(os.path.join(folder, "eval"), {"ckpt": curve}, settings.num_points,
                                           aligned=True)
         paths = reports.read_walks(report_path).paths
         segment = paths[PathKey("segment")]
-        row = {"width": f, "start_test_loss": segment["test_loss"][0], "end_test_loss": segment["test_loss"][-1]}
+        row = {"width": f, "pair": pair, "start_test_loss": segment["test_loss"][0],
+               "end_test_loss": segment["test_loss"][-1]}
         for key, prefix in ((PathKey("segment"), "segment"), (PathKey("segment", aligned=True), "aligned_segment"),
                             (PathKey("segment", aligned=True, repaired=True), "aligned_repaired_segment")):
             row.update(_path_barriers(paths[key], prefix))
@@ -45,12 +49,13 @@ def _width_rows(root, settings):
 
 def _instability_rows(root, settings):
     rows = []
-    for k in settings.spawn_epochs:
-        report_path = os.path.join(root, f"spawn-{k}", "spawn.json")
+    for pair, k in itertools.product(range(1, settings.pairs + 1), settings.spawn_epochs):
+        report_path = os.path.join(studies.instability_folder(root, pair), f"spawn-{k}", "spawn.json")
         report = reports.read_walks(report_path)
         walk = report.paths[PathKey("segment")]
         b = walk["barriers"]["test_loss"]
-        rows.append({"spawn_epoch": k, "start_test_loss": walk["test_loss"][0], "end_test_loss": walk["test_loss"][-1],
+        rows.append({"spawn_epoch": k, "pair": pair, "start_test_loss": walk["test_loss"][0],
+                     "end_test_loss": walk["test_loss"][-1],
                      "segment_barrier_mean_ends": b["barrier_mean_ends"], "segment_barrier_line": b["barrier_line"],
                      "segment_barrier_midpoint": b["barrier_midpoint"], "distance": walk["length"],
                      "walks": {PathKey("segment"): {"ts": walk["ts"], "test_loss": walk["test_loss"]}},
@@ -91,7 +96,7 @@ def _grid_rows(root, settings):
     return rows
 
 
-COLUMNS = {"width": "width f", "spawn_epoch": "spawned at epoch", "loss": "loss", "start": "start init",
+COLUMNS = {"width": "width f", "spawn_epoch": "spawned at epoch", "pair": "pair", "loss": "loss", "start": "start init",
            "end": "end init", "start_test_loss": "start test",
            "end_test_loss": "end test", "segment_peak": "segment peak",
            "segment_barrier_mean_ends": "segment barrier_mean_ends", "segment_barrier_line": "segment barrier_line",
@@ -105,16 +110,20 @@ COLUMNS = {"width": "width f", "spawn_epoch": "spawned at epoch", "loss": "loss"
            "segment_barrier_midpoint": "segment barrier_midpoint", "distance": "distance between the copies"}
 
 
-def write_tables(root, rows):
-    """results.csv and results.md: the columns every row has, numbers to 4 decimals."""
+def write_tables(root, settings, rows):
+    """results.csv (every row, numbers to 4 decimals) and results.md: for a grid the same rows; for
+    width and instability the summary over pairs and the paired differences (`summary_tables`)."""
     keys = [k for k in COLUMNS if all(k in row for row in rows)]
 
     def cell(value):
         return f"{value:.4f}" if isinstance(value, float) else str(value)
     csv = [",".join(keys)] + [",".join(cell(row[k]) for k in keys) for row in rows]
-    md = [CAPTION, "",
-          "| " + " | ".join(COLUMNS[k] for k in keys) + " |", "|" + "---|" * len(keys)]
-    md += ["| " + " | ".join(cell(row[k]) for k in keys) + " |" for row in rows]
+    md = [CAPTION, ""]
+    if settings.kind == "grid":
+        md += ["| " + " | ".join(COLUMNS[k] for k in keys) + " |", "|" + "---|" * len(keys)]
+        md += ["| " + " | ".join(cell(row[k]) for k in keys) + " |" for row in rows]
+    else:
+        md += summary_tables(settings, rows)
     md += ["", "Each evaluation's files (JSON, NPZ, plots, GIFs of reconstructions along the paths):", ""]
     md += [f"* {_row_name(row)}: `{os.path.dirname(row['report'])}`" for row in rows]
     paths = {"csv": os.path.join(root, "results.csv"), "md": os.path.join(root, "results.md")}
@@ -126,9 +135,9 @@ def write_tables(root, rows):
 
 def _row_name(row):
     if "width" in row:
-        return f"width {row['width']}"
+        return f"width {row['width']}, pair {row['pair']}"
     if "spawn_epoch" in row:
-        return f"spawned at epoch {row['spawn_epoch']}"
+        return f"parent {row['pair']}, spawned at epoch {row['spawn_epoch']}"
     return f"{row['loss']} {row['start']} / {row['end']}"
 
 
@@ -140,3 +149,69 @@ def write_figure(root, settings, rows):
     {"grid": figures.plot_loss_grid, "width": figures.plot_width, "instability": figures.plot_instability}[
         settings.kind](rows, path)
     return path
+
+
+# width: (path, the path it is compared with, what the difference measures), on barrier_line
+WIDTH_COMPARISONS = (("aligned_segment", "segment", "alignment"),
+                     ("aligned_repaired_segment", "aligned_segment", "REPAIR after alignment"),
+                     ("curve", "segment", "the trained curve"))
+WIDTH_SUMMARY = ("start_test_loss", "end_test_loss", "segment_barrier_line", "aligned_segment_barrier_line",
+                 "aligned_repaired_segment_barrier_line", "curve_barrier_line")
+INSTABILITY_SUMMARY = ("start_test_loss", "end_test_loss", "segment_barrier_mean_ends", "segment_barrier_line",
+                       "segment_barrier_midpoint", "distance")
+
+
+def _groups(rows, key):
+    """{value of key: {pair: row}}, in the rows' order."""
+    out = {}
+    for row in rows:
+        out.setdefault(row[key], {})[row["pair"]] = row
+    return out
+
+
+def paired_differences(settings, rows):
+    """[(group label, what, Interval)]: for width, each path against the one it improves on
+    (WIDTH_COMPARISONS, barrier_line) at every width; for instability, the barrier_mean_ends of the
+    copies spawned at each K minus at the K before it, paired by parent run."""
+    out = []
+    if settings.kind == "width":
+        for width, pairs in _groups(rows, "width").items():
+            for a, b, what in WIDTH_COMPARISONS:
+                ids = sorted(pairs)
+                interval = intervals.paired_difference([pairs[i][f"{a}_barrier_line"] for i in ids],
+                                                       [pairs[i][f"{b}_barrier_line"] for i in ids],
+                                                       settings.confidence)
+                out.append((f"f = {width}", f"{COLUMNS[a + '_barrier_line'].replace(' barrier_line', '')} - "
+                            f"{COLUMNS[b + '_barrier_line'].replace(' barrier_line', '')} ({what})", interval))
+    else:
+        groups = _groups(rows, "spawn_epoch")
+        ks = list(groups)
+        for before, after in zip(ks, ks[1:]):
+            ids = sorted(set(groups[before]) & set(groups[after]))
+            interval = intervals.paired_difference([groups[after][i]["segment_barrier_mean_ends"] for i in ids],
+                                                   [groups[before][i]["segment_barrier_mean_ends"] for i in ids],
+                                                   settings.confidence)
+            out.append((f"K = {after} vs {before}", f"barrier_mean_ends at K = {after} - at K = {before}", interval))
+    return out
+
+
+def summary_tables(settings, rows):
+    """results.md's lines for a width or instability study: the mean +- standard deviation of every
+    row's numbers over its pairs, then the paired differences with their intervals and the words
+    they allow (aemc.intervals.verdict)."""
+    key, columns = (("width", WIDTH_SUMMARY) if settings.kind == "width" else ("spawn_epoch", INSTABILITY_SUMMARY))
+    groups = _groups(rows, key)
+    lines = ["Mean ± standard deviation over the pairs (every pair's value: results.csv).", "",
+             "| " + " | ".join([COLUMNS[key], "pairs", *(COLUMNS[c] for c in columns)]) + " |",
+             "|" + "---|" * (len(columns) + 2)]
+    for value, pairs in groups.items():
+        cells = [intervals.summary([row[c] for row in pairs.values()]).cell(4 if "loss" in c else 3) for c in columns]
+        lines.append("| " + " | ".join([str(value), str(len(pairs)), *cells]) + " |")
+    confidence = f"{settings.confidence:.0%}"
+    lines += ["", f"Paired differences over the pairs: mean [{confidence} Student-t interval]; a negative "
+              "difference is a lower barrier.", "",
+              "| | difference | mean [interval] | pairs | what the pairs show |", "|---|---|---|---|---|"]
+    for group, what, interval in paired_differences(settings, rows):
+        words = intervals.verdict(interval, "lower", "higher")
+        lines.append(f"| {group} | {what} | {interval.cell()} | {interval.n} | {words} |")
+    return lines

@@ -55,8 +55,10 @@ def test_a_stage_waits_for_the_stages_that_write_what_it_reads(tmp_path):
         assert deps[f"{later} mae normal/kaiming_normal"] == ["curve mae normal/kaiming_normal"]
     # a spawn reads the parent run's checkpoint of epoch K, not the run's last: still the parent's stage
     deps = scheduling.dependencies(studies.plan(str(tmp_path), StudySettings(kind="instability", epochs=4,
-                                                                              spawn_epochs=(0, 2))))
-    assert deps["spawn at epoch 0"] == deps["spawn at epoch 2"] == ["parent run"]
+                                                                              spawn_epochs=(0, 2), pairs=2)))
+    for pair in (1, 2):  # each parent's copies wait for that parent alone
+        assert deps[f"spawn at epoch 0 from parent {pair}"] == deps[f"spawn at epoch 2 from parent {pair}"] == \
+            [f"parent run {pair}"]
 
 
 def test_stages_run_side_by_side_in_dependency_order_and_a_failure_stops_only_its_dependants(tmp_path):

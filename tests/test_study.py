@@ -108,14 +108,24 @@ def test_the_plan_makes_every_input_before_it_is_used(tmp_path, preset):
                    any(path.startswith(os.path.dirname(m)) for m in made) for path in stage.inputs), stage.name
         made.add(stage.output)
     names = [s.name for s in stages]
-    if preset == "width":  # per width: two endpoints of one init scheme, their curve, one evaluation with --align
-        assert len(stages) == 4 * 4 and names[:4] == ["endpoint f=8 seed 1", "endpoint f=8 seed 2", "curve f=8",
-                                                      "eval_curve f=8"]
+    if preset == "width":  # per width and pair: two endpoints of one init scheme, their curve, one evaluation
+        assert len(stages) == 4 * 3 * 4 and names[:8] == [
+            "endpoint f=8 pair 1 seed 1", "endpoint f=8 pair 1 seed 2", "curve f=8 pair 1", "eval_curve f=8 pair 1",
+            "endpoint f=8 pair 2 seed 3", "endpoint f=8 pair 2 seed 4", "curve f=8 pair 2", "eval_curve f=8 pair 2"]
         assert all(s.argv[s.argv.index("--conv_init") + 1] == "normal" for s in stages if s.name.startswith("endpoint"))
+        seeds = [s.argv[s.argv.index("--seed") + 1] for s in stages if s.name.startswith("endpoint f=8 ")]
+        assert seeds == ["1", "2", "3", "4", "5", "6"]  # no seed shared between pairs
         assert "--align" in stages[3].argv
-    if preset == "instability":  # the parent run keeps every epoch and its initialisation; a spawn per epoch K
-        assert names == ["parent run"] + [f"spawn at epoch {k}" for k in (0, 1, 2, 4, 6)]
+    if preset == "instability":  # per parent run (seed p): it keeps every epoch and its init; a spawn per K
+        ks = (0, 1, 2, 4, 6)
+        assert names == [n for p in (1, 2, 3) for n in [f"parent run {p}"] + [f"spawn at epoch {k} from parent {p}"
+                                                                              for k in ks]]
         assert "--save_init" in stages[0].argv and stages[1].inputs[0].endswith("checkpoint-0.pt")
+        copies = [tuple(s.argv[s.argv.index("--seeds") + 1:s.argv.index("--seeds") + 3]) for s in stages
+                  if s.name.startswith("spawn")]
+        parents = [s.argv[s.argv.index("--seed") + 1] for s in stages if s.name.startswith("parent")]
+        assert parents == ["1", "2", "3"] and len({c for c in copies}) == 3  # one pair of copy seeds per parent
+        assert not {seed for c in copies for seed in c} & set(parents)
     if preset != "paper":
         return
     kinds = [s.name.split()[0] for s in stages]
