@@ -25,6 +25,7 @@ and third-party code. Its modules, by job:
     ensembles     ensembles of autoencoders scored like one model
     studies       the study's plan of stages, its state file and its table
     scheduling    running a study's stages: several at once here, or as SLURM jobs (submitit)
+    intervals     results over seed pairs: mean, sd, paired differences with t intervals
     study_tables  a study's results read from its stages' reports: tables, CSV, figures
     tracking      TensorBoard and Weights & Biases logging
     prose         the README's generated demo table and sentences (make media)
