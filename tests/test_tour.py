@@ -9,7 +9,8 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, write_idx_images, write_idx_labels
+from aemc.data.torchvision_sets import write_idx_images, write_idx_labels
+from conftest import ROOT
 from tour import parser_of, same_but_sizes, script_of, tour_blocks, toy
 
 

@@ -26,6 +26,20 @@ SETS = {
 CACHE_VERSION = 1
 
 
+def write_idx_images(path, images):
+    """MNIST's idx3-ubyte format (what torchvision's MNIST reads): magic 2051, count, rows, cols
+    (big-endian int32), then the uint8 pixels of `images` (N, H, W)."""
+    n, h, w = images.shape
+    with atomic_write(path, "wb") as f:
+        f.write(np.array([2051, n, h, w], dtype=">i4").tobytes() + np.asarray(images, dtype=np.uint8).tobytes())
+
+
+def write_idx_labels(path, labels):
+    """MNIST's idx1-ubyte format: magic 2049, count (big-endian int32), then the uint8 labels."""
+    with atomic_write(path, "wb") as f:
+        f.write(np.array([2049, len(labels)], dtype=">i4").tobytes() + np.asarray(labels, dtype=np.uint8).tobytes())
+
+
 def load_split(name, root, train, download=True):
     """The images of the `train` (or test) split of dataset `name` as uint8 (N, C, H, W)."""
     cache = os.path.join(root, f".cache-{name}-{'train' if train else 'test'}.pt")
