@@ -3,40 +3,45 @@ linear mode connectivity"): the path that interpolates only one group of layers 
 networks and keeps every other layer at the start. Its barrier says how much of the whole
 segment's barrier that group carries; Adilova et al. found it in the middle layers of classifiers.
 
-Groups come from the model's modules: each top-level part that holds parameters (the encoder, the
-decoder), and each block: a layer that produces hidden units with the normalisation that follows
-it (from the permutation symmetry derived by models.symmetry), or any other layer with parameters.
+Groups are the model's top-level parts that hold parameters (the encoder and the decoder, as
+halves) and then each *layer*, as Adilova et al. define it: a convolution, transposed convolution
+or linear layer with the normalisation that follows it in the model's order of modules. Layers
+that share a permutation (a residual stream's stem and every block's second convolution) are
+still separate layers here. Parameters of any other module are a group of their own.
 
 Example::
     >>> groups = layer_groups(model)            # {"encoder": [...], "decoder": [...], "encoder.0": [...], ...}
     >>> path = LayerwisePath(start, end, groups["decoder"])
     >>> walk(path, ts, evaluator, "decoder only")
 """
-from aemc.architectures import permutation_spec
+from torch import nn
+
+LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
+NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
 
 def layer_groups(model):
-    """{group name: [parameter names]}: the top-level parts, then the blocks in the model's order."""
-    names = [name for name, _ in model.named_parameters()]
+    """{group name: [parameter names]}: the top-level parts, then the layers in the model's order,
+    each with the parameters of the normalisation that follows it."""
     groups = {}
+    names = [name for name, _ in model.named_parameters()]
     for part, _ in model.named_children():
         members = [n for n in names if n.startswith(part + ".")]
         if members:
             groups[part] = members
-    try:
-        spec = permutation_spec(model)
-        blocks = {p: [n for n, axis in spec.axes[p] if (n, axis) not in spec.consumed[p] and n in names]
-                  for p in spec.sizes}
-    except NotImplementedError:  # a graph the derivation does not know: one block per layer
-        blocks = {}
-    covered = {n for members in blocks.values() for n in members}
-    for name in names:  # layers outside every block (the output layer, ...) are blocks of their own
-        if name not in covered:
-            blocks.setdefault(name.rpartition(".")[0], []).append(name)
-    order = {n: i for i, n in enumerate(names)}
-    for block, members in sorted(blocks.items(), key=lambda item: min(order[n] for n in item[1])):
-        if block not in groups:
-            groups[block] = sorted(members, key=order.get)
+    layers, current = {}, None
+    for name, module in model.named_modules():
+        own = [f"{name}.{p}" if name else p for p, _ in module.named_parameters(recurse=False)]
+        if isinstance(module, LAYERS):
+            current = name
+            layers[name] = own
+        elif isinstance(module, NORMS) and current is not None:
+            layers[current] += own  # the normalisation of the layer before it
+        elif own:
+            layers.setdefault(name or "(model)", []).extend(own)
+    for layer, members in layers.items():
+        if members and layer not in groups:
+            groups[layer] = members
     return groups
 
 
