@@ -16,7 +16,7 @@ and third-party code. Its modules, by job:
     evaluation    one set of weights evaluated with BatchNorm re-estimated (PointEvaluator)
     paths         walks along curves and segments: statistics, barriers, length
     barriers      barriers under the literature's names (mean of the ends, line, midpoint), any metric
-    layerwise     paths that interpolate one group of layers and keep the rest at the start
+    layerwise     paths that interpolate one layer (or the encoder or the decoder), the rest at the start
     reports       the files an evaluation writes and reads back (JSON, NPZ, figures)
     resumable     long evaluations written point by point, resumed after a stop
     geometry      the plane through three points of weight space
