@@ -146,7 +146,10 @@ def _reader_flags(settings):
 
 def _endpoint(name, run, settings, loss, init, seed, size, common, extra=()):
     checkpoint = os.path.join(run, f"checkpoint-{settings.epochs}.pt")
-    return Stage(name, ["train.py", "--dir", run, "--loss_function", loss, "--conv_init", init, "--seed", str(seed),
+    from aemc import architectures
+    takes_init = "conv_init" in architectures.accepted(settings.arch or "conv")  # an MLP takes none
+    init_flags = ["--conv_init", init] if takes_init else []
+    return Stage(name, ["train.py", "--dir", run, "--loss_function", loss, *init_flags, "--seed", str(seed),
                         "--epochs", str(settings.epochs), "--save_freq", str(extra and 1 or settings.epochs), *extra,
                         *size, *common],
                  checkpoint, resume=os.path.join(run, "checkpoint-last.pt"))
@@ -227,6 +230,10 @@ def _plan_instability(root, settings):
 
 
 def _plan_grid(root, settings):
+    from aemc import architectures
+    if "conv_init" not in architectures.accepted(settings.arch or "conv"):
+        raise UserError(f"the {settings.kind} study's curves join endpoints of different init schemes; the "
+                        f"{settings.arch} architecture takes no conv_init: use the width or instability preset")
     common = _flags(settings, DATA_FLAGS) + _flags(settings, SPEED_FLAGS)
     size = _model_flags(settings)
     stages, ends = [], {}

@@ -1,4 +1,5 @@
 import csv
+import dataclasses
 import json
 import os
 import signal
@@ -10,6 +11,7 @@ import pytest
 
 import study
 from aemc import studies
+from aemc.errors import UserError
 from aemc.files import file_digest
 from conftest import ROOT, run_script
 
@@ -173,3 +175,15 @@ def test_ctrl_c_of_a_study_while_a_stage_trains_leaves_no_temporaries_and_the_re
     assert os.path.isfile(row["report"]) and os.path.isfile(result["files"]["csv"])
     with open(os.path.join(root, "endpoints", "mae-normal", "log.jsonl")) as f:
         assert [json.loads(line)["epoch"] for line in f] == [1, 2]  # resumed where it stopped, nothing twice
+
+
+def test_an_mlp_study_gives_its_stages_only_flags_an_mlp_takes(tmp_path):
+    settings = dataclasses.replace(studies.PRESETS["instability"], arch="mlp", spawn_epochs=(0, 2), pairs=2)
+    stages = studies.plan(str(tmp_path), settings)
+    trainings = [s for s in stages if s.argv[0] == "train.py"]
+    assert len(trainings) == 2 and not any("--conv_init" in s.argv or "--in_filters" in s.argv for s in trainings)
+    parser = __import__("train").get_args_parser()
+    for stage in trainings:  # what train.py would be given parses, and names the MLP
+        assert parser.parse_args(stage.argv[1:]).arch == "mlp"
+    with pytest.raises(UserError, match="takes no conv_init"):
+        studies.plan(str(tmp_path), dataclasses.replace(studies.PRESETS["tiny"], arch="mlp"))
