@@ -1,4 +1,4 @@
-"""Benchmarks: what data loading, training and evaluation cost, as ratios measured in one process.
+"""Measures what data loading, training and evaluation cost, as ratios measured in one process.
 
     python bench.py                          # default architecture (f=64), batch 64, default device
     python bench.py --quick                  # tiny configuration (seconds; the test suite runs it)

@@ -1,4 +1,4 @@
-"""Ensembles of points along a curve, along its straight segment, or of separately trained
+"""Scores ensembles of points along a curve, along its straight segment, or of separately trained
 autoencoders: each member's loss, their mean, the ensemble's loss, its gain, and LPIPS.
 
     python ensemble.py --ckpt runs/curve/checkpoint-100.pt --num_members 5 --lpips

@@ -1,5 +1,5 @@
-"""The loss surface on the plane through a curve's ends and middle bend (Garipov et al. 2018, Fig. 1),
-or through three independently trained autoencoders; resumable, with contour figures.
+"""Computes the loss surface on the plane through a curve's ends and middle bend (Garipov et al. 2018,
+Fig. 1), or through three independently trained autoencoders, resumably, with contour figures.
 
     python plane.py --ckpt runs/curve/checkpoint-100.pt --grid_points 21 --lpips
     python plane.py --init_start A.pt --init_middle B.pt --init_end C.pt --grid_points 11

@@ -70,8 +70,8 @@ def get_args_parser():
                    help="(mae,laplacian; width, instability: mae)")
     p.add_argument("--inits", type=names(INITS, "init"), default=None,
                    help=f"({','.join(INITS)}; width, instability: normal)")
-    p.add_argument("--curve", type=curve_name, default="Bezier")
-    p.add_argument("--num_bends", type=positive(int), default=3)
+    p.add_argument("--curve", type=curve_name, default="Bezier", help="the curves' kind: Bezier or PolyChain (Bezier)")
+    p.add_argument("--num_bends", type=positive(int), default=3, help="the curves' bends, ends included (3)")
     p.add_argument("--plane", action="store_true", help="also the loss plane of every curve")
     p.add_argument("--align", action="store_true", help="also every segment with its end aligned to its start")
     p.add_argument("--lpips", action=argparse.BooleanOptionalAction, default=None,

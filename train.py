@@ -56,7 +56,8 @@ def get_args_parser():
     g.add_argument("--epochs", type=positive(int), default=Training.epochs,
                    help=f"epochs to train in all ({Training.epochs}); the schedule spans them; raise it on --resume "
                         "to extend a run")
-    g.add_argument("--save_freq", type=positive(int), default=Training.save_freq, help="checkpoint every N epochs")
+    g.add_argument("--save_freq", type=positive(int), default=Training.save_freq,
+                   help=f"checkpoint every N epochs ({Training.save_freq})")
     g.add_argument("--save_final", action=argparse.BooleanOptionalAction, default=Training.save_final,
                    help="write checkpoint-<epochs>.pt at the end (default: on)")
     g.add_argument("--save_init", action="store_true",
@@ -93,8 +94,7 @@ def get_args_parser():
     g.add_argument("--wd", type=float, default=None,
                    help=f"weight decay; for a curve 0.5 * wd * ||theta(t)||^2 added to the loss ({Optimizer.wd})"
                         f"{RESUMED}")
-    add_speed_args(p)
-    p.add_argument("--sync_bn", action="store_true",
+    add_speed_args(p).add_argument("--sync_bn", action="store_true",
                    help="under torchrun on CUDA: BatchNorm statistics over the whole batch (SyncBatchNorm); "
                         "for a curve only with --t_sampling shared")
     g = p.add_argument_group("curve (default: from the checkpoint when resuming)")
@@ -210,8 +210,9 @@ def build_curve(args, resume, saved, train_loader, data_shape):
     if len(saved) == 2:
         checkpoints.check_same_architecture(list(saved.values()), [args.init_start, args.init_end])
     else:
-        warn("warning: without --init_start and --init_end the ends of the curve start from the "
-             "architecture's initialisation")
+        fresh = " and ".join(flag for flag in ("--init_start", "--init_end") if flag not in saved)
+        warn(f"warning: without {fresh} the curve's {'ends start' if len(saved) == 0 else 'other end starts'} "
+             "from the architecture's initialisation")
     first = next(iter(saved.values())).architecture if saved else None
     arch = architecture(args, first, data_shape)
     if first is not None and "conv_init" in arch.kwargs:  # fresh interior bends: --conv_init, else the default

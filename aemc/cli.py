@@ -8,7 +8,12 @@ from aemc.files import discard_if_unused, forget_run_folders
 
 
 class ArgParser(argparse.ArgumentParser):
-    """argparse that reports a bad flag in one line (plus a hint) and exits with status 2."""
+    """argparse that reports a bad flag in one line (plus a hint) and exits with status 2, and takes
+    no abbreviation of a flag (`--epoch 1` is an error, not a silent `--epochs 1`)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         print(f"{self.prog}: error: {message} (see {self.prog} -h)", file=sys.stderr)

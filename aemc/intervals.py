@@ -15,7 +15,6 @@ import math
 from typing import NamedTuple
 
 import numpy as np
-from scipy import stats
 
 
 class Summary(NamedTuple):
@@ -64,6 +63,7 @@ def paired_difference(a, b, confidence):
         raise ValueError(f"paired values must be two equally long lists, got {a.shape} and {b.shape}")
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    from scipy import stats  # here: scripts start without it (tests/test_layout.py)
     d = a - b
     n, mean = d.size, float(d.mean())
     if n < 2:

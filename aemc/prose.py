@@ -32,7 +32,7 @@ def demo_cells(report):
         loss, ts = walk["test_loss"], walk["ts"]
         peak = max(range(len(loss)), key=loss.__getitem__)
         barrier = walk["barriers"]["test_loss"]
-        rows.append([name, f"{loss[0]:.3f}", f"{loss[-1]:.3f}", f"{loss[peak]:.3f} (t = {ts[peak]:.1f})",
+        rows.append([name, f"{loss[0]:.3f}", f"{loss[-1]:.3f}", f"{loss[peak]:.3f} (t = {ts[peak]:g})",
                      f"{barrier['barrier_mean_ends']:.3f}", f"{barrier['barrier_line']:.3f}",
                      f"{max(walk['test_lpips']):.3f}"])
     return rows
@@ -58,13 +58,15 @@ def demo_sentence(report):
 
 
 def machine_sentence(made_on):
-    """Where the committed numbers were made, and why a user's may differ in the third digit."""
+    """Where the committed numbers were made, and why a user's may differ."""
     amp = made_on["training_amp"]
     return (f"The committed numbers were made on {made_on['cpu']} (torch {made_on['torch']}; "
             + ("native bf16, so `--amp auto` trained in bf16" if amp == "bf16" else
                "no native bf16, so `--amp auto` trained in float32" if amp == "none" else f"`--amp {amp}`")
             + "). `--amp auto` picks bf16 on a CPU that computes it natively (AVX512-BF16 or AMX) and float32 "
-              "elsewhere, so a run of `make demo` on another CPU gives numbers that differ in the third digit.")
+              "elsewhere, so a run of `make demo` on another CPU gives other numbers: they differ in the third digit, "
+              "which for a barrier as small as the curve's is a sizeable part of it (docs/results.md compares "
+              "the two precisions).")
 
 
 def demo_section(report):

@@ -26,3 +26,14 @@ def test_train_py_explains_epochs_seed_and_optimizer():
     assert "Adam" in actions["optim_name"].help and "SGD" in actions["optim_name"].help
     # left out on --resume they take the checkpoint's values: the parser itself holds no value
     assert all(actions[d].default is None for d in ("seed", "optim_name", "lr", "wd", "noise_std", "batch_size"))
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_an_abbreviated_flag_is_refused_not_guessed(script, capsys):
+    """argparse would take `--epoch 1` for `--epochs 1` silently."""
+    parser = importlib.import_module(script).get_args_parser()
+    assert parser.allow_abbrev is False
+    if script == "train":
+        with pytest.raises(SystemExit) as stop:
+            parser.parse_args(["--dir", "x", "--epoch", "1"])
+        assert stop.value.code == 2 and "unrecognized arguments: --epoch 1" in capsys.readouterr().err
