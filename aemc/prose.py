@@ -88,6 +88,41 @@ def replace_between_markers(text, block):
     return text[:start] + block + text[end + len(END):]
 
 
+STUDY_BEGIN = "<!-- study: generated from {csv} by aemc/prose.py publish_study; not by hand -->"
+STUDY_END = "<!-- /study -->"
+
+
+def study_section(csv_path):
+    """The generated block of a width or instability study's results (its results.csv, committed
+    under media/): the mean +- sd over pairs and the paired differences with their intervals (at
+    the studies' confidence, StudySettings.confidence) and words, as study.py writes them in the
+    study's results.md."""
+    from aemc import studies, study_tables
+    rows = study_tables.read_rows(csv_path)
+    settings = studies.StudySettings(kind="width" if "width" in rows[0] else "instability")
+    lines = study_tables.summary_tables(settings, rows)
+    return "\n".join([STUDY_BEGIN.format(csv=csv_path), *lines, STUDY_END])
+
+
+def study_blocks(text):
+    """[(csv path, the block as it stands)] of every generated study block in `text`."""
+    import re
+    pattern = re.escape(STUDY_BEGIN).replace(re.escape("{csv}"), "(?P<csv>[^ ]+)") + ".*?" + re.escape(STUDY_END)
+    return [(m.group("csv"), m.group(0)) for m in re.finditer(pattern, text, flags=re.S)]
+
+
+def publish_study(csv_path, doc):
+    """Regenerate `doc`'s block of the study whose results are `csv_path` (the block must exist)."""
+    with open(doc, encoding="utf-8") as f:
+        text = f.read()
+    found = dict(study_blocks(text))
+    if csv_path not in found:
+        raise UserError(f"{doc} has no generated block of {csv_path}")
+    text = text.replace(found[csv_path], study_section(csv_path))
+    with atomic_write(doc, "w") as f:
+        f.write(text)
+
+
 def cpu_name():
     """The CPU's model name, as /proc/cpuinfo or the platform module gives it."""
     try:

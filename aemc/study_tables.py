@@ -111,13 +111,15 @@ COLUMNS = {"width": "width f", "spawn_epoch": "spawned at epoch", "pair": "pair"
 
 
 def write_tables(root, settings, rows):
-    """results.csv (every row, numbers to 4 decimals) and results.md: for a grid the same rows; for
-    width and instability the summary over pairs and the paired differences (`summary_tables`)."""
+    """results.csv (every row, numbers to 7 significant digits: what the intervals are computed from)
+    and results.md (numbers to 4 decimals): for a grid the same rows; for width and instability the
+    summary over pairs and the paired differences (`summary_tables`)."""
     keys = [k for k in COLUMNS if all(k in row for row in rows)]
 
     def cell(value):
         return f"{value:.4f}" if isinstance(value, float) else str(value)
-    csv = [",".join(keys)] + [",".join(cell(row[k]) for k in keys) for row in rows]
+    csv = [",".join(keys)] + [",".join(f"{row[k]:.7g}" if isinstance(row[k], float) else str(row[k]) for k in keys)
+                              for row in rows]
     md = [CAPTION, ""]
     if settings.kind == "grid":
         md += ["| " + " | ".join(COLUMNS[k] for k in keys) + " |", "|" + "---|" * len(keys)]
@@ -131,6 +133,23 @@ def write_tables(root, settings, rows):
         with atomic_write(paths[kind], "w") as f:
             f.write("\n".join(lines) + "\n")
     return paths
+
+
+def read_rows(path):
+    """The rows of a study's results.csv (what `write_tables` wrote): the width, spawn epoch and
+    pair as ints, the rest as floats, the grid's names as they are."""
+    import csv
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+
+    def value(key, text):
+        if key in ("width", "spawn_epoch", "pair"):
+            return int(text)
+        try:
+            return float(text)
+        except ValueError:
+            return text
+    return [{k: value(k, v) for k, v in row.items()} for row in rows]
 
 
 def _row_name(row):
@@ -205,7 +224,8 @@ def summary_tables(settings, rows):
              "| " + " | ".join([COLUMNS[key], "pairs", *(COLUMNS[c] for c in columns)]) + " |",
              "|" + "---|" * (len(columns) + 2)]
     for value, pairs in groups.items():
-        cells = [intervals.summary([row[c] for row in pairs.values()]).cell(4 if "loss" in c else 3) for c in columns]
+        cells = [intervals.summary([row[c] for row in pairs.values()]).cell(3 if c == "distance" else 4)
+                 for c in columns]
         lines.append("| " + " | ".join([str(value), str(len(pairs)), *cells]) + " |")
     confidence = f"{settings.confidence:.0%}"
     lines += ["", f"Paired differences over the pairs: mean [{confidence} Student-t interval]; a negative "
@@ -213,5 +233,5 @@ def summary_tables(settings, rows):
               "| | difference | mean [interval] | pairs | what the pairs show |", "|---|---|---|---|---|"]
     for group, what, interval in paired_differences(settings, rows):
         words = intervals.verdict(interval, "lower", "higher")
-        lines.append(f"| {group} | {what} | {interval.cell()} | {interval.n} | {words} |")
+        lines.append(f"| {group} | {what} | {interval.cell(4)} | {interval.n} | {words} |")
     return lines

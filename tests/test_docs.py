@@ -97,6 +97,20 @@ def test_the_generated_demo_block_is_exactly_what_the_results_file_gives():
     assert all(value in sentence for value in numbers.values())
 
 
+def test_every_study_block_is_what_its_committed_results_give():
+    """docs/results.md's tables over seed pairs are regenerated from the committed results.csv
+    files; and every interval the README quotes is one of those tables' cells (nothing by hand)."""
+    text = read(os.path.join(ROOT, "docs", "results.md"))
+    blocks = prose.study_blocks(text)
+    assert len(blocks) >= 2, "docs/results.md has fewer than two generated study blocks"
+    cells = set()
+    for csv_path, block in blocks:
+        assert block == prose.study_section(csv_path), f"regenerate {csv_path}'s block with prose.publish_study"
+        cells |= set(re.findall(r"[+-]\d\.\d{4} \[[+-]\d\.\d{4}, [+-]\d\.\d{4}\]", block))
+    quoted = re.findall(r"[+-]\d\.\d{4} \[[+-]\d\.\d{4}, [+-]\d\.\d{4}\]", read(README))
+    assert quoted and set(quoted) <= cells, sorted(set(quoted) - cells)
+
+
 def test_the_sentence_numbers_follow_the_walks():
     """demo_numbers from the walks' arrays by the formulas, on a made-up report."""
     from aemc.paths import PathKey

@@ -63,7 +63,7 @@ def _write(path, walks):
 
 # barrier_line of (segment, aligned segment, aligned + REPAIR, curve) for each pair, at two widths
 KNOWN = {4: [(0.20, 0.17, 0.16, 0.03), (0.18, 0.18, 0.17, 0.02), (0.15, 0.19, 0.15, 0.04)],
-         8: [(0.12, 0.10, 0.09, 0.01), (0.13, 0.10, 0.08, 0.02), (0.125, 0.10, 0.095, 0.01), (0.135, 0.10, 0.09, 0.02)]}
+         8: [(0.12, 0.10, 0.09, 0.01), (0.13, 0.10, 0.08, 0.02), (0.125, 0.10, 0.094, 0.01), (0.135, 0.10, 0.09, 0.02)]}
 KEYS = (PathKey("segment"), PathKey("segment", aligned=True), PathKey("segment", aligned=True, repaired=True),
         PathKey("curve", "Bezier", 3))
 
@@ -91,17 +91,17 @@ def test_the_width_tables_are_the_pairs_values_their_summaries_and_paired_interv
     d = (-0.03, 0.0, 0.04)
     mean, sd = sum(d) / 3, math.sqrt(sum((x - sum(d) / 3) ** 2 for x in d) / 2)
     half = T_975[2] * sd / 3 ** 0.5
-    assert (f"| f = 4 | aligned segment - segment (alignment) | {mean:+.3f} [{mean - half:+.3f}, {mean + half:+.3f}] "
+    assert (f"| f = 4 | aligned segment - segment (alignment) | {mean:+.4f} [{mean - half:+.4f}, {mean + half:+.4f}] "
             "| 3 | 3 pairs cannot tell them apart |") in md
-    # f = 8, REPAIR - aligned: d = (-0.01, -0.02, -0.005, -0.01): all lower, the interval excludes zero
-    d = (-0.01, -0.02, -0.005, -0.01)
+    # f = 8, REPAIR - aligned: d = (-0.01, -0.02, -0.006, -0.01): all lower, the interval excludes zero
+    d = (-0.01, -0.02, -0.006, -0.01)
     mean, sd = sum(d) / 4, math.sqrt(sum((x - sum(d) / 4) ** 2 for x in d) / 3)
     half = T_975[3] * sd / 2
     assert (f"| f = 8 | aligned + REPAIR segment - aligned segment (REPAIR after alignment) | "
-            f"{mean:+.3f} [{mean - half:+.3f}, {mean + half:+.3f}] | 4 | lower |") in md
+            f"{mean:+.4f} [{mean - half:+.4f}, {mean + half:+.4f}] | 4 | lower |") in md
     # the summary: the segment's barrier_line at f = 8, mean +- sd of (0.12, 0.13, 0.125, 0.135)
     s = intervals.summary([0.12, 0.13, 0.125, 0.135])
-    assert f"| 8 | 4 | 0.1000 ± 0.0000 | 0.1000 ± 0.0000 | {s.mean:.3f} ± {s.std:.3f} |" in md
+    assert f"| 8 | 4 | 0.1000 ± 0.0000 | 0.1000 ± 0.0000 | {s.mean:.4f} ± {s.std:.4f} |" in md
 
 
 def test_the_instability_table_compares_each_k_with_the_one_before_by_parent(tmp_path):
