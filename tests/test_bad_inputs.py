@@ -182,3 +182,22 @@ def test_a_factory_that_raises_keeps_the_users_own_traceback(tmp_path, monkeypat
     monkeypatch.syspath_prepend(os.path.join(str(tmp_path), "mine"))
     r = run_script("train.py", "--dir", tmp_path / "run", *SYN_DATA, "--arch", "factories:raises")
     assert r.returncode != 0 and "Traceback" in r.stderr and "the user's own bug" in r.stderr
+
+
+@pytest.mark.slow
+def test_align_and_a_layerwise_walk_without_an_output_write_beside_their_checkpoints(tmp_path, monkeypatch):
+    """align.py without --out and eval_curve.py --connect LAYERWISE without --dir once wrote
+    command.txt and eval/ into the folder they were run from (the repository root)."""
+    _write_inputs(str(tmp_path))
+    here = tmp_path / "cwd"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    a, b = tmp_path / "endpoint-a-2.pt", tmp_path / "endpoint-b-2.pt"
+    r = run_script("align.py", "--init_start", a, "--init_end", b, *DATA)
+    assert r.returncode == 0, r.stderr
+    # beside B, named for A's folder and file
+    assert os.path.isfile(tmp_path / f"endpoint-b-2-aligned-to-{tmp_path.name}_endpoint-a-2.pt"), os.listdir(tmp_path)
+    r = run_script("eval_curve.py", "--connect", "LAYERWISE", "--init_start", a, "--init_end", b, "--num_points", "2",
+                   "--bn_batches", "1", *DATA)
+    assert r.returncode == 0, r.stderr
+    assert os.path.isdir(tmp_path / "eval") and os.listdir(here) == []  # beside A; nothing where it was run
