@@ -60,7 +60,13 @@ def setup(device):
 
 
 def shutdown():
+    """The end of a run under torchrun: every process waits for the others, then the group is
+    destroyed. Without the barrier a process that finished first tore its gloo connections down
+    while another was still writing its files, and the other was sometimes aborted (SIGABRT,
+    "terminate called without an active exception"); called at the normal end of a run only."""
     if dist.is_initialized():
+        if world() > 1:
+            dist.barrier()
         dist.destroy_process_group()
 
 
