@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from symmetry_grammar import randomised  # float64, eval mode, every parameter and BatchNorm statistic distinct
 from torch import nn
 
 from models.symmetry import apply_permutation, permutation_spec, random_permutation
@@ -14,20 +15,6 @@ from models.symmetry import apply_permutation, permutation_spec, random_permutat
 @pytest.fixture(autouse=True)
 def seeded():
     torch.manual_seed(0)  # the models' initial weights
-
-
-def randomised(model, seed=0):
-    """`model` in float64, eval mode, every parameter and BatchNorm statistic made distinct."""
-    g = torch.Generator().manual_seed(seed)
-    model = model.double().eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
-        for m in model.modules():
-            if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
-                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g))
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
-    return model
 
 
 def change_under_permutations(model, shape, draws=5):
@@ -66,7 +53,7 @@ class Scaled(nn.Module):
 
 
 def test_per_channel_parameters_multiplied_into_an_activation_move_with_its_channels():
-    spec, change = change_under_permutations(randomised(Scaled()), (3, 2, 5, 5))
+    spec, change = change_under_permutations(randomised(Scaled(), 0), (3, 2, 5, 5))
     assert change < 1e-9
     assert moved(spec, "conv1.weight", 0) and moved(spec, "gamma", 1) and moved(spec, "scale", 1)
 
@@ -90,7 +77,7 @@ class TwoGroupCounts(nn.Module):
 
 def test_two_group_norms_with_different_counts_on_one_stream():
     for stem_groups, block_groups in ((4, 8), (8, 4), (2, 8), (4, 1)):
-        spec, change = change_under_permutations(randomised(TwoGroupCounts(stem_groups, block_groups)), (3, 2, 6, 6))
+        spec, change = change_under_permutations(randomised(TwoGroupCounts(stem_groups, block_groups), 0), (3, 2, 6, 6))
         assert change < 1e-9, (stem_groups, block_groups)
         assert moved(spec, "stem.weight", 0) and moved(spec, "conv.weight", 0)
 
@@ -109,7 +96,7 @@ class WidthNorm(nn.Module):
 
 
 def test_a_layer_norm_over_the_width_is_not_a_channel_norm():
-    spec, change = change_under_permutations(randomised(WidthNorm()), (3, 2, 8, 8))
+    spec, change = change_under_permutations(randomised(WidthNorm(), 0), (3, 2, 8, 8))
     assert change < 1e-9
     assert moved(spec, "conv1.weight", 0)  # the channels still move, the width's weight does not
     assert not moved(spec, "norm.weight", 0)
@@ -133,7 +120,7 @@ class TransposedDecoder(nn.Module):
 
 
 def test_transposed_convolutions_are_permuted_along_their_output_axis():
-    spec, change = change_under_permutations(randomised(TransposedDecoder()), (3, 3, 8, 8))
+    spec, change = change_under_permutations(randomised(TransposedDecoder(), 0), (3, 3, 8, 8))
     assert change < 1e-9
     assert moved(spec, "up1.weight", 1) and moved(spec, "up1.bias", 0) and moved(spec, "up1.weight", 0)
     assert moved(spec, "norm.running_mean", 0) and moved(spec, "up2.weight", 0)
@@ -142,6 +129,6 @@ def test_transposed_convolutions_are_permuted_along_their_output_axis():
 
 
 def test_the_derivation_runs_a_float64_model_in_float64():
-    model = randomised(TransposedDecoder())
+    model = randomised(TransposedDecoder(), 0)
     assert permutation_spec(model, example_shape=(2, 3, 8, 8)).axes == \
         permutation_spec(copy.deepcopy(model).float(), example_shape=(2, 3, 8, 8)).axes
