@@ -10,7 +10,7 @@ aemc.data).
 """
 from aemc.cli import ArgParser, positive, run_cli
 from aemc.data import DATASETS, SYNTHETIC_DEFAULT_COUNT, build_loaders, load_images, load_splits, split_images  # noqa: F401
-from aemc.settings import Data
+from aemc.settings import Data, flag_text
 
 
 def add_data_args(parser, inherit=False, title="data (default: as in the checkpoint's run)"):
@@ -46,13 +46,6 @@ def data_settings(args, inherited=None):
     else the defaults."""
     flags = {name: getattr(args, name) for name in Data.__dataclass_fields__ if getattr(args, name) is not None}
     return Data(**{**vars(inherited or Data()), **flags})
-
-
-def flag_text(name, value):
-    """A data setting as the flag that gives it: "--max_images 64", "--random_split"."""
-    if name == "native_split":
-        return "no --random_split" if value else "--random_split"
-    return f"--{name} {value}"
 
 
 def data_flags(data, names=None):

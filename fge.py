@@ -44,7 +44,8 @@ def get_args_parser():
     p.add_argument("--lr_2", type=positive(float), default=None, help="the mid-cycle rate (1%% of lr_1)")
     p.add_argument("--epochs", type=positive(int), default=8, help="epochs of FGE training (8)")
     p.add_argument("--resume", default=None, metavar="CKPT", help="continue the FGE run saved in CKPT")
-    p.add_argument("--seed", type=int, default=1, help="seed of the FGE run's data order, noise and dropout (1)")
+    p.add_argument("--seed", type=int, default=None,
+                   help=f"seed of the FGE run's data order, noise and dropout ({Training.seed}; on --resume the run's)")
     add_evaluation_args(p, "also LPIPS (AlexNet) in the ensemble table",
                         "training batches for each snapshot's BatchNorm re-estimation in the table", loss=False)
     dataset.add_data_args(p, inherit=True)
@@ -52,15 +53,22 @@ def get_args_parser():
     return p
 
 
-def run_settings(args, source):
-    """The FGE run's settings: the endpoint run's optimizer, loss, noise and (unless given) data;
-    the cycle from the flags."""
+def run_settings(args, source, resume=None):
+    """The FGE run's settings: the endpoint run's optimizer, loss and noise; the data and the seed
+    given, else on --resume the FGE run's, else the endpoint run's data and the default seed; the
+    cycle from the flags. A resume that would change what the run computes is refused."""
     lr_1 = args.lr_1 or source.settings.optim.lr
     cycle = Cycle(cycle=args.cycle, lr_1=lr_1, lr_2=args.lr_2 or lr_1 / 100, source_sha256=file_digest(args.ckpt))
-    training = Training(epochs=args.epochs, seed=args.seed, noise_std=source.settings.training.noise_std,
+    base = resume.settings if resume else source.settings
+    seed = args.seed if args.seed is not None else base.training.seed if resume else Training.seed
+    training = Training(epochs=args.epochs, seed=seed, noise_std=source.settings.training.noise_std,
                         save_freq=args.cycle)
-    return Run(data=dataset.data_settings(args, source.settings.data), loss=source.settings.loss,
-               optim=source.settings.optim, training=training, speed=speed_settings(args), fge=cycle)
+    run = Run(data=dataset.data_settings(args, base.data), loss=source.settings.loss,
+              optim=source.settings.optim, training=training, speed=speed_settings(args), fge=cycle)
+    if resume:  # the loss and optimizer are --ckpt's (whose SHA-256 the cycle holds); the data and seed may differ
+        trainer.check_resumed_settings(args.resume, resume.settings,
+                                       dataclasses.replace(run, loss=resume.settings.loss, optim=resume.settings.optim))
+    return run
 
 
 def main(args):
@@ -79,7 +87,7 @@ def main(args):
         raise UserError(f"--resume {args.resume} is not a training state; give checkpoint-last.pt of an FGE run")
     trainer.check_fresh_run_dir(args.dir, args.resume, resume)
     source = checkpoints.load(args.ckpt, kind="autoencoder", flag="--ckpt")
-    settings = run_settings(args, source)
+    settings = run_settings(args, source, resume)
     dataset.report_inherited(args, settings.data, "--ckpt's run")
     cycle = settings.fge
     if resume:  # the schedule and the starting point must be the ones the run began with
@@ -89,8 +97,9 @@ def main(args):
     evaluation = evaluation_settings(args)
     lpips = build_lpips(evaluation.lpips_weights, device) if evaluation.lpips else None
     run = RunDir(args.dir)
-    trainer.seed_everything(args.seed)
-    train_loader, test_loader = dataset.build_loaders(settings.data, device, seed=args.seed, speed=settings.speed)
+    trainer.seed_everything(settings.training.seed)
+    train_loader, test_loader = dataset.build_loaders(settings.data, device, seed=settings.training.seed,
+                                                      speed=settings.speed)
     objective = training_objective(settings, curve=False, device=device)
     loss_fn = objective.reconstruction  # the test loss is the reconstruction alone
     model = checkpoints.build_model(resume or source).to(device)

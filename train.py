@@ -27,7 +27,7 @@ from aemc.evaluation import evaluate, update_bn
 from aemc.files import RunDir
 from aemc.losses import LOSSES
 from aemc.objective import training_objective
-from aemc.settings import Architecture, Data, Loss, Optimizer, Run, Training
+from aemc.settings import RESULT_SETTINGS, Architecture, Data, Loss, Optimizer, Run, Training
 from models import ARCHITECTURES
 from models.autoencoder import INITS, NORMS
 from models.curves import T_SAMPLING, TSampler, connect, curve_name
@@ -119,13 +119,6 @@ def get_args_parser():
     return p
 
 
-# the settings that change what a run computes: a resume may not change them (--epochs may change,
-# and the device, speed and worker flags); the data's path may (the data moved), with a note
-RESULT_SETTINGS = {"data": [f for f in Data.__dataclass_fields__ if f not in ("num_workers", "data_path")],
-                   "loss": list(Loss.__dataclass_fields__), "optim": list(Optimizer.__dataclass_fields__),
-                   "training": ["seed", "noise_std"]}
-
-
 def run_settings(args, resume, endpoints_data=None):
     """The run's settings: the flags given, else the checkpoint's on --resume (else, for the data, the
     endpoints' `endpoints_data` of a fresh curve), else the defaults. A resume that changes a
@@ -141,16 +134,7 @@ def run_settings(args, resume, endpoints_data=None):
               optim=Optimizer(**{**vars(base.optim), **given(args, Optimizer)}), training=training,
               speed=speed_settings(args))
     if saved is not None:
-        then, now = asdict(saved), asdict(run)
-        changed = [f"{dataset.flag_text(k, now[part][k])} (the checkpoint's: {dataset.flag_text(k, then[part][k])})"
-                   for part, keys in RESULT_SETTINGS.items() for k in keys if now[part][k] != then[part][k]]
-        if changed:
-            raise UserError(f"--resume {args.resume}: the run was trained with other settings: {', '.join(changed)}; "
-                            "leave those flags out to continue it (--epochs, the device and speed flags may change), "
-                            "or train a new run in a new --dir")
-        if run.data.data_path != saved.data.data_path:
-            warn(f"note: --data_path {run.data.data_path}: the run was trained on {saved.data.data_path}; "
-                 "resuming on the same images there")
+        trainer.check_resumed_settings(args.resume, saved, run)
     elif endpoints_data is not None:
         changed = dataset.data_flags(run.data, [k for k in RESULT_SETTINGS["data"]
                                                 if getattr(run.data, k) != getattr(endpoints_data, k)])

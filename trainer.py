@@ -14,8 +14,9 @@ import torch
 from tqdm import tqdm
 
 from aemc import checkpoints, distributed, figures
-from aemc.errors import Interrupted, UserError
+from aemc.errors import Interrupted, UserError, warn
 from aemc.losses import reconstruction
+from aemc.settings import changed_results
 from aemc.speed import accumulator_dtype, autocast
 
 FINITE_CHECK_EVERY = 20  # batches between host syncs (non-finite check, progress bar update)
@@ -294,6 +295,19 @@ def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed % 2 ** 32)
     torch.manual_seed(seed)
+
+
+def check_resumed_settings(resume_flag, saved, run):
+    """Refuse, in one line, a resume whose settings would change what the run computes (the
+    checkpoint's `saved` Run against the `run` the flags make); a moved --data_path is a note."""
+    changed = changed_results(saved, run)
+    if changed:
+        raise UserError(f"--resume {resume_flag}: the run was trained with other settings: {', '.join(changed)}; "
+                        "leave those flags out to continue it (--epochs, the device and speed flags may change), "
+                        "or train a new run in a new --dir")
+    if run.data.data_path != saved.data.data_path:
+        warn(f"note: --data_path {run.data.data_path}: the run was trained on {saved.data.data_path}; "
+             "resuming on the same images there")
 
 
 def check_fresh_run_dir(path, resume_path, resume=None):

@@ -187,3 +187,24 @@ def _check_known(kind, d, what):
 def replace(settings, **changes):
     """A copy of `settings` with the fields in `changes` (those not None) replaced."""
     return dataclasses.replace(settings, **{k: v for k, v in changes.items() if v is not None})
+
+
+# the settings that change what a run computes: a resumed run may not change them (its epochs, device,
+# speed and worker flags may change; the data's path may too, the data having moved)
+RESULT_SETTINGS = {"data": [f for f in Data.__dataclass_fields__ if f not in ("num_workers", "data_path")],
+                   "loss": list(Loss.__dataclass_fields__), "optim": list(Optimizer.__dataclass_fields__),
+                   "training": ["seed", "noise_std"]}
+
+
+def flag_text(name, value):
+    """A setting as the flag that gives it: "--max_images 64", "--random_split"."""
+    if name == "native_split":
+        return "no --random_split" if value else "--random_split"
+    return f"--{name} {value}"
+
+
+def changed_results(then, now):
+    """The RESULT_SETTINGS on which two Runs differ, as "--flag now (the checkpoint's: --flag then)"."""
+    a, b = dataclasses.asdict(then), dataclasses.asdict(now)
+    return [f"{flag_text(k, b[part][k])} (the checkpoint's: {flag_text(k, a[part][k])})"
+            for part, keys in RESULT_SETTINGS.items() for k in keys if b[part][k] != a[part][k]]

@@ -72,6 +72,9 @@ def _write_inputs(tmp):
     for name, fixture in (("checkpoint-1.pt", "endpoint-a-1.pt"), ("checkpoint-2.pt", "endpoint-a-2.pt"),
                           ("checkpoint-last.pt", "endpoint-a-2.pt"), ("log.jsonl", "endpoint-a-log.jsonl")):
         shutil.copy(os.path.join(V1, fixture), os.path.join(tmp, "v1run", name))
+    os.makedirs(os.path.join(tmp, "fgerun"))  # an FGE run stopped after epoch 2 of 4
+    for name, fixture in (("checkpoint-last.pt", "fge-2.pt"), ("snapshot-1.pt", "fge-snapshot-1.pt")):
+        shutil.copy(os.path.join(V1, fixture), os.path.join(tmp, "fgerun", name))
     os.makedirs(os.path.join(tmp, "tiny-study"))
     with open(os.path.join(tmp, "tiny-study", "study.json"), "w") as f:
         f.write('{"preset": "tiny", "stages": {}}')
@@ -99,6 +102,10 @@ def _cases(tmp):
                          "--max_images", "48", "--random_split", *DATA],
             ["--max_images 48 (the checkpoint's: --max_images 64)",
              "--random_split (the checkpoint's: no --random_split)"]),
+        "fge resume with another --seed": ("fge.py", ["--ckpt", p("endpoint-a-2.pt"), "--cycle", "2", "--epochs", "4",
+                                                      "--dir", p("fgerun"), "--resume", p("fgerun/checkpoint-last.pt"),
+                                                      "--seed", "7", *DATA],
+                                           ["--resume", "other settings", "--seed 7 (the checkpoint's: --seed 1)"]),
         "text as check_ends --ckpt": ("check_ends.py", ["--ckpt", p("text.pt"), *DATA],
                                       ["--ckpt", "text.pt", "not a PyTorch file"]),
         "text as eval_curve --ckpt": ("eval_curve.py", ["--ckpt", p("text.pt"), *DATA],
