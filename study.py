@@ -5,6 +5,7 @@ init scheme, curves between every pair of inits, their checks and evaluations, a
     python study.py --dir runs/study --preset small --lpips   # 4,000 built-in faces, 16 filters
     python study.py --dir runs/study --preset paper --data_path data --device cuda   # CelebA, a GPU
     python study.py --dir runs/study --preset paper --print_commands   # for a cluster's scheduler
+    python study.py --dir runs/symmetry --preset symmetry   # is the segment's ridge only a symmetry?
 
 Every stage is a command line of the project's own scripts (train.py, check_ends.py,
 eval_curve.py, plane.py), run in dependency order. A finished stage (its result file present with
@@ -58,14 +59,16 @@ def get_args_parser():
     p.add_argument("--preset", choices=tuple(studies.PRESETS), required=True,
                    help="tiny (CPU, minutes), small (4,000 built-in faces, 16 filters, 8 + 8 epochs), paper (the "
                         "original's, CelebA, a GPU): the init x loss grid; width: barriers against width; "
-                        "instability: the barrier between copies spawned at epoch K against K")
+                        "instability: the barrier between copies spawned at epoch K against K; symmetry: the "
+                        "segment after every way of undoing the permutation symmetry, with and without REPAIR, "
+                        "stitching and layer-wise barriers per layer")
     p.add_argument("--widths", type=numbers(int), default=None, help="width preset: the base widths (8,16,32,64)")
     p.add_argument("--spawn_epochs", type=numbers(int), default=None,
                    help="instability preset: the epochs to spawn copies at (0,1,2,4,6)")
     p.add_argument("--pairs", type=positive(int), default=None,
-                   help="width, instability: independent pairs of endpoints (or parent runs) per row, each with "
-                        "its own seeds; tables give the mean, the standard deviation and paired differences with "
-                        "a 95%% t interval over them (preset: 3)")
+                   help="width, instability, symmetry: independent pairs of endpoints (or parent runs) per row, "
+                        "each with its own seeds; tables give the mean, the standard deviation and paired "
+                        "differences with a 95%% t interval over them (preset: 3)")
     p.add_argument("--losses", type=names(LOSSES, "loss"), default=None,
                    help="(mae,laplacian; width, instability: mae)")
     p.add_argument("--inits", type=names(INITS, "init"), default=None,
@@ -98,6 +101,12 @@ def get_args_parser():
                        ("num_workers", int), ("dataset", str), ("data_path", str), ("device", str),
                        ("image_size", positive(int)), ("channels", int), ("beta", float)):
         g.add_argument(f"--{name}", type=kind, default=None)
+    g.add_argument("--ste_steps", type=positive(int), default=None,
+                   help="symmetry: steps of the straight-through estimator (100)")
+    g.add_argument("--latent_map", choices=("orthogonal", "linear"), default=None,
+                   help="symmetry: the map of the latent folded into the end before weight matching (orthogonal)")
+    g.add_argument("--stitch_map", choices=("identity", "permutation", "orthogonal", "affine"), default=None,
+                   help="symmetry: the map stitching fits at every layer (affine)")
     g.add_argument("--arch", default=None, help="the model (train.py --arch; default conv, the original's)")
     g.add_argument("--arch_kwargs", default=None, help="its arguments as a JSON object (train.py --arch_kwargs)")
     g.add_argument("--norm", choices=NORMS, default=None)
@@ -115,8 +124,8 @@ def settings_from(args):
     overrides.update({k: tuple(v) for k, v in overrides.items() if isinstance(v, list)})
     settings = dataclasses.replace(studies.PRESETS[args.preset], **overrides)
     if settings.kind == "grid" and settings.pairs != 1:
-        raise UserError(f"--pairs: the {args.preset} preset pairs init schemes (--inits); --pairs is for the width and "
-                        "instability presets")
+        raise UserError(f"--pairs: the {args.preset} preset pairs init schemes (--inits); --pairs is for the width, "
+                        "instability and symmetry presets")
     if settings.kind == "grid" and len(settings.inits) < 2:
         raise UserError("--inits needs at least two init schemes: a curve joins two of them")
     return settings

@@ -93,14 +93,18 @@ STUDY_END = "<!-- /study -->"
 
 
 def study_section(csv_path):
-    """The generated block of a width or instability study's results (its results.csv, committed
+    """The generated block of a width, instability or symmetry study's results (its results.csv, committed
     under media/): the mean +- sd over pairs and the paired differences with their intervals (at
     the studies' confidence, StudySettings.confidence) and words, as study.py writes them in the
     study's results.md."""
-    from aemc import studies, study_tables
+    from aemc import studies, study_tables, symmetry_study
     rows = study_tables.read_rows(csv_path)
-    settings = studies.StudySettings(kind="width" if "width" in rows[0] else "instability")
-    lines = study_tables.summary_tables(settings, rows)
+    if "ste_barrier_line" in rows[0]:  # the symmetry study: its layers' rows beside it
+        layers = study_tables.read_rows(symmetry_study.layers_path(csv_path))
+        lines = symmetry_study.summary_tables(rows, layers, studies.StudySettings().confidence)
+    else:
+        settings = studies.StudySettings(kind="width" if "width" in rows[0] else "instability")
+        lines = study_tables.summary_tables(settings, rows)
     return "\n".join([STUDY_BEGIN.format(csv=csv_path), *lines, STUDY_END])
 
 

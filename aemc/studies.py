@@ -8,7 +8,10 @@ state file that makes a study resumable. Three kinds:
   one evaluation of their segment, aligned segment, aligned + REPAIR segment and curve;
 * instability (Frankle et al. 2020): `pairs` parent runs that keep a checkpoint per epoch (and their
   initialisation), and for each, at each chosen epoch K, two copies spawned with other data orders,
-  trained to the end, and the barrier between them.
+  trained to the end, and the barrier between them;
+* symmetry (aemc.symmetry_study): for each of `pairs` pairs, the segment raw and after every way of
+  undoing the permutation symmetry, with and without REPAIR, the curve, and per layer stitching
+  and the layer-wise barrier.
 
 The width and instability tables give, over the pairs, each barrier's mean and standard deviation
 and the paired differences that compare two paths (or two K) with a t interval (aemc.intervals).
@@ -35,10 +38,10 @@ class StudySettings:
     """What a study runs: its kind, the grid (losses x pairs of inits), the widths or the epochs to
     spawn from, the sizes, and what each stage is told. A None is a flag left out of the stages'
     command lines (the scripts' defaults)."""
-    kind: str = "grid"                # grid | width | instability
+    kind: str = "grid"                # grid | width | instability | symmetry
     widths: tuple = (8, 16, 32, 64)   # width: the base widths f
     spawn_epochs: tuple = (0, 1, 2, 4)  # instability: the epochs K the copies are spawned at
-    pairs: int = 1                    # width, instability: independent pairs (seeds) per row
+    pairs: int = 1                    # width, instability, symmetry: independent pairs (seeds) per row
     confidence: float = 0.95          # of the paired differences' t intervals
     arch: Optional[str] = None        # train.py's --arch (None: conv, the original's)
     arch_kwargs: Optional[str] = None  # its --arch_kwargs (JSON)
@@ -70,6 +73,9 @@ class StudySettings:
     channels_last: bool = False
     compile: bool = False
     no_gpu_data: bool = False
+    ste_steps: int = 100              # symmetry: the straight-through estimator's steps
+    latent_map: str = "orthogonal"    # symmetry: the map folded into the latent (align.py --latent)
+    stitch_map: str = "affine"        # symmetry: the map stitching fits at every layer (stitch.py --map)
 
 
 PRESETS = {
@@ -92,6 +98,10 @@ PRESETS = {
     "instability": StudySettings(kind="instability", spawn_epochs=(0, 1, 2, 4, 6), pairs=3, dataset="synthetic",
                                  max_images=4000, in_filters=16, latent_dim=64, batch_size=64, lr=1e-3, epochs=8,
                                  num_points=11, num_workers=4, losses=("mae",), inits=("normal",)),
+    # is the segment's ridge only a symmetry? every way of undoing it, stitching and layer-wise paths per layer
+    "symmetry": StudySettings(kind="symmetry", pairs=3, dataset="synthetic", max_images=1600, in_filters=8,
+                              latent_dim=64, batch_size=64, lr=1e-3, epochs=5, curve_epochs=5, num_points=9,
+                              num_workers=0, losses=("mae",), inits=("normal",)),
 }
 DATA_FLAGS = ("dataset", "data_path", "max_images", "image_size", "channels", "batch_size", "num_workers", "device")
 SPEED_FLAGS = ("amp", "channels_last", "compile", "no_gpu_data")
@@ -126,7 +136,8 @@ def _flags(settings, names):
 def plan(root, settings):
     """The stages of the study (a StudySettings) in dependency order (every input made by an
     earlier stage)."""
-    return {"grid": _plan_grid, "width": _plan_width, "instability": _plan_instability}[settings.kind](root, settings)
+    return {"grid": _plan_grid, "width": _plan_width, "instability": _plan_instability,
+            "symmetry": _plan_symmetry}[settings.kind](root, settings)
 
 
 def _model_flags(settings, sizes=("in_filters", "latent_dim")):
@@ -192,6 +203,17 @@ def _plan_width(root, settings):
             stages.append(_evaluation(f"eval_curve f={f} pair {pair}", os.path.join(folder, "eval"), settings,
                                       stages[-1].output, align=True))
     return stages
+
+
+def _plan_symmetry(root, settings):
+    from aemc import symmetry_study
+    common = _flags(settings, DATA_FLAGS) + _flags(settings, SPEED_FLAGS)
+    size = _model_flags(settings)
+    loss, init = settings.losses[0], settings.inits[0]
+    flags = [*_flags(settings, ("lpips", "device", *SPEED_FLAGS)), *_reader_flags(settings)]
+    return symmetry_study.plan(
+        root, settings, lambda name, run, seed: _endpoint(name, run, settings, loss, init, seed, size, common),
+        lambda name, run, ends: _curve(name, run, settings, loss, ends, common), Stage, flags)
 
 
 def width_folder(root, width, pair):

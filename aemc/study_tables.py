@@ -18,6 +18,9 @@ CAPTION = ("Test losses (each row's own loss) on images in [-1, 1]; peak = the h
 
 def results(root, settings):
     """The study's rows, from its stages' reports."""
+    if settings.kind == "symmetry":
+        from aemc import symmetry_study
+        return symmetry_study.rows(root, settings)
     return {"grid": _grid_rows, "width": _width_rows, "instability": _instability_rows}[settings.kind](root, settings)
 
 
@@ -114,6 +117,8 @@ def write_tables(root, settings, rows):
     """results.csv (every row, numbers to 7 significant digits: what the intervals are computed from)
     and results.md (numbers to 4 decimals): for a grid the same rows; for width and instability the
     summary over pairs and the paired differences (`summary_tables`)."""
+    if settings.kind == "symmetry":
+        return _write_symmetry_tables(root, settings, rows)
     keys = [k for k in COLUMNS if all(k in row for row in rows)]
 
     def cell(value):
@@ -135,6 +140,21 @@ def write_tables(root, settings, rows):
     return paths
 
 
+def _write_symmetry_tables(root, settings, rows):
+    from aemc import symmetry_study as sym
+    layers = [layer for row in rows for layer in row["layers"]]
+    md = [CAPTION, "", *sym.summary_tables(rows, layers, settings.confidence), "",
+          "Each pair's files (JSON, NPZ, plots, GIFs of reconstructions along the paths):", ""]
+    md += [f"* pair {row['pair']}: `{os.path.dirname(row['report'])}`" for row in rows]
+    paths = {"csv": os.path.join(root, "results.csv"), "layers_csv": os.path.join(root, "layers.csv"),
+             "md": os.path.join(root, "results.md")}
+    for kind, lines in (("csv", sym.csv_lines(rows, sym.RESULT_COLUMNS)),
+                        ("layers_csv", sym.csv_lines(layers, sym.LAYER_COLUMNS)), ("md", md)):
+        with atomic_write(paths[kind], "w") as f:
+            f.write("\n".join(lines) + "\n")
+    return paths
+
+
 def read_rows(path):
     """The rows of a study's results.csv (what `write_tables` wrote): the width, spawn epoch and
     pair as ints, the rest as floats, the grid's names as they are."""
@@ -143,7 +163,7 @@ def read_rows(path):
         rows = list(csv.DictReader(f))
 
     def value(key, text):
-        if key in ("width", "spawn_epoch", "pair"):
+        if key in ("width", "spawn_epoch", "pair", "depth"):
             return int(text)
         try:
             return float(text)
@@ -163,8 +183,13 @@ def _row_name(row):
 def write_figure(root, settings, rows):
     """The study's figure: the loss along every path of every row (grid), barrier_line against
     width (width), the barrier against the spawn epoch (instability). Returns its path."""
-    name = {"grid": "loss_grid.png", "width": "barrier_width.png", "instability": "barrier_spawn_epoch.png"}
+    name = {"grid": "loss_grid.png", "width": "barrier_width.png", "instability": "barrier_spawn_epoch.png",
+            "symmetry": "symmetry.png"}
     path = os.path.join(root, name[settings.kind])
+    if settings.kind == "symmetry":
+        from aemc import symmetry_study
+        symmetry_study.plot(rows, [layer for row in rows for layer in row["layers"]], path)
+        return path
     {"grid": figures.plot_loss_grid, "width": figures.plot_width, "instability": figures.plot_instability}[
         settings.kind](rows, path)
     return path

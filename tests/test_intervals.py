@@ -119,3 +119,42 @@ def test_the_instability_table_compares_each_k_with_the_one_before_by_parent(tmp
     assert second[2].mean == pytest.approx((0.0 - 0.01 + 0.0) / 3)
     md = open(study_tables.write_tables(root, settings, rows)["md"]).read()
     assert "| K = 1 vs 0 | barrier_mean_ends at K = 1 - at K = 0 |" in md and "| lower |" in md
+
+
+def test_the_symmetry_tables_are_the_pairs_values_their_intervals_and_the_layer_verdicts():
+    """aemc.symmetry_study's tables from stand-in rows of known values: each path's mean +- sd, a
+    paired difference by hand, and per pair where stitching first fails (penalty above 10% of the
+    ends' loss) and where each per-layer measure is largest."""
+    from aemc import symmetry_study as sym
+    names = [name for name, _ in sym.PATHS]
+    results = []
+    for pair, shift in ((1, 0.0), (2, 0.01), (3, -0.004)):
+        row = {"pair": pair, "start_test_loss": 0.2, "end_test_loss": 0.2, "latent_folded": 1.0}
+        row.update({f"{n}_barrier_line": 0.1 - 0.005 * i + shift * (i % 3) for i, n in enumerate(names)})
+        results.append(row)
+    layers = [{"pair": p, "depth": d, "layer": f"l{d}", "stitch_a_into_b": a, "stitch_b_into_a": b,
+               "layerwise_barrier_line": w, "ends_test_loss": 0.2}
+              for p, rows in ((1, [(0.001, 0.003, 0.01), (0.03, 0.01, 0.02), (0.05, 0.07, 0.005)]),
+                              (2, [(0.03, 0.02, 0.04), (0.01, 0.0, 0.01), (0.001, 0.002, 0.003)]),
+                              (3, [(0.0, 0.0, 0.0), (0.001, 0.0, 0.001), (0.002, 0.001, 0.0005)]))
+              for d, (a, b, w) in enumerate(rows)]
+    lines = sym.summary_tables(results, layers, 0.95)
+    text = "\n".join(lines)
+    for i, (name, label) in enumerate(sym.PATHS):
+        v = [0.1 - 0.005 * i + s * (i % 3) for s in (0.0, 0.01, -0.004)]
+        mean = sum(v) / 3
+        sd = math.sqrt(sum((x - mean) ** 2 for x in v) / 2)
+        assert f"| {label} | 3 | {mean:.4f} ± {sd:.4f} |" in text
+    # STE - weight: paths 4 and 2 of PATHS; d_p = (0.1 - 0.02 + s (4 % 3)) - (0.1 - 0.01 + s (2 % 3)) = -0.01 - s
+    d = [-0.01 - s for s in (0.0, 0.01, -0.004)]
+    mean, sd = sum(d) / 3, math.sqrt(sum((x - sum(d) / 3) ** 2 for x in d) / 2)
+    half = T_975[2] * sd / 3 ** 0.5
+    assert names.index("ste") == 4 and names.index("weight") == 2
+    assert (f"| STE matching - weight matching (learned against weight matching) | {mean:+.4f} "
+            f"[{mean - half:+.4f}, {mean + half:+.4f}] | 3 |") in text
+    # pair 1: penalties (0.002, 0.02, 0.06): 10% of 0.2 = 0.02 is not exceeded at l1, so first fails at l2;
+    # pair 2: (0.025, 0.005, 0.0015): fails at l0, largest at l0, layer-wise largest at l0;
+    # pair 3: nowhere above 0.02
+    assert "| 1 | l2 | l2 | l1 |" in lines and "| 2 | l0 | l0 | l0 |" in lines and "| 3 | none | l2 | l1 |" in lines
+    a = intervals.summary([0.001, 0.03, 0.0])
+    assert any(line.startswith(f"| 0 | l0 | 3 | {a.mean:.4f} ± {a.std:.4f} |") for line in lines)

@@ -100,7 +100,7 @@ def test_an_evaluation_whose_report_lists_a_missing_file_runs_again(tmp_path):
     assert state.check(stage) == "done"
 
 
-@pytest.mark.parametrize("preset", ["paper", "width", "instability"])
+@pytest.mark.parametrize("preset", ["paper", "width", "instability", "symmetry"])
 def test_the_plan_makes_every_input_before_it_is_used(tmp_path, preset):
     args = study.get_args_parser().parse_args(["--dir", str(tmp_path), "--preset", preset, "--plane", "--align"])
     stages = studies.plan(str(tmp_path), study.settings_from(args))
@@ -128,6 +128,16 @@ def test_the_plan_makes_every_input_before_it_is_used(tmp_path, preset):
         parents = [s.argv[s.argv.index("--seed") + 1] for s in stages if s.name.startswith("parent")]
         assert parents == ["1", "2", "3"] and len({c for c in copies}) == 3  # one pair of copy seeds per parent
         assert not {seed for c in copies for seed in c} & set(parents)
+    if preset == "symmetry":  # per pair: two endpoints, the curve, four aligned segments, the curve, layers, stitching
+        assert names[:10] == ["endpoint pair 1 seed 1", "endpoint pair 1 seed 2", "curve pair 1",
+                              "segment weight pair 1", "segment activation pair 1", "segment ste pair 1",
+                              "segment latent pair 1", "curve eval pair 1", "layerwise pair 1", "stitch pair 1"]
+        assert len(stages) == 3 * 10
+        method = {s.name.split()[1]: s.argv for s in stages[3:7]}
+        assert "--repair" in method["weight"] and all("--align" in argv for argv in method.values())
+        assert method["ste"][method["ste"].index("--align_method") + 1] == "ste"
+        assert method["latent"][method["latent"].index("--align_latent") + 1] == "orthogonal"
+        assert stages[9].argv[:1] == ["stitch.py"] and "all" in stages[9].argv
     if preset != "paper":
         return
     kinds = [s.name.split()[0] for s in stages]
