@@ -27,6 +27,7 @@ and third-party code. Its modules, by job:
     scheduling    running a study's stages: several at once here, or as SLURM jobs (submitit)
     intervals     results over seed pairs: mean, sd, paired differences with t intervals
     study_tables  a study's results read from its stages' reports: tables, CSV, figures
+    symmetry_study the symmetry study: every way of undoing the symmetry, stitching, per-layer tables
     tracking      TensorBoard and Weights & Biases logging
     prose         the README's generated demo table and sentences (make media)
     distributed   torchrun: one code path for 1..N processes
