@@ -49,6 +49,7 @@ from torch import nn
 from torch.func import functional_call
 from tqdm import tqdm
 
+from aemc import distributed
 from aemc.alignment import weight_matching
 from aemc.architectures import permutation_spec
 from aemc.errors import UserError
@@ -199,10 +200,13 @@ def learn(model_a, model_b, settings, train_loader, objective):
         raise UserError("straight-through matching needs at least 2 training batches (one re-estimates "
                         "BatchNorm, one scores the midpoint): use more images or a smaller --batch_size")
     fixed = list(itertools.islice(ordered, 2 * k))
-    return straight_through(model_a, model_b, objective, batches=train_loader, bn_batches=fixed[:k],
-                            loss_batches=fixed[k:], steps=settings.steps, seconds=settings.seconds, lr=settings.lr,
-                            t=settings.ste_t, seed=settings.seed, restarts=settings.restarts,
-                            use_signs=settings.latent_signs)
+    # under torchrun every process learns and all take rank 0's result: a budget in seconds, or a GPU's
+    # non-deterministic kernels, could make them differ, and the processes must share one aligned end
+    learned = straight_through(model_a, model_b, objective, batches=train_loader, bn_batches=fixed[:k],
+                               loss_batches=fixed[k:], steps=settings.steps, seconds=settings.seconds, lr=settings.lr,
+                               t=settings.ste_t, seed=settings.seed, restarts=settings.restarts,
+                               use_signs=settings.latent_signs, verbose=distributed.is_main())
+    return distributed.broadcast(learned)
 
 
 def summary(record):

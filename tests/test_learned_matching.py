@@ -15,8 +15,9 @@ import eval_curve
 from aemc import checkpoints
 from aemc.alignment import align_to
 from aemc.data import build_loaders
-from aemc.data.loader import to_float
+from aemc.data.loader import TensorLoader, to_float
 from aemc.data.synthetic import synthetic_faces
+from aemc.errors import UserError
 from aemc.evaluation import evaluate, output_difference, update_bn
 from aemc.objective import training_objective
 from aemc.settings import Alignment, Run
@@ -75,6 +76,14 @@ def test_a_planted_permutation_is_recovered(kind):
     found_perms, found_signs, record = learn(a, b, batches, steps=4)
     assert record["steps"] == 4 and len(record["loss"]) == 4
     check_recovered(a, b, spec, perms, signs, found_perms, found_signs, noise)
+    # each step's projection starts from the last one's permutations: from any start, it finds the planted one
+    start = random_permutation(spec, torch.Generator().manual_seed(9))
+    params = {k: v.detach().double() for k, v in b.named_parameters()}
+    projected = lm.project(spec, dict(a.named_parameters()), params, *start, seed=0, use_signs=True)
+    check_recovered(a, b, spec, perms, signs, *projected, noise)
+    # the planted permutation is where the midpoint's loss is least (A itself, up to the noise): the steps
+    # move W~ by about lr = 0.01 per weight each, not far enough to leave it, so no other one was scored
+    assert record["candidate_steps"] == [0]
 
 
 @settings(max_examples=10, derandomize=True, deadline=None, database=None, suppress_health_check=list(HealthCheck))
@@ -137,6 +146,13 @@ def test_the_budget_in_steps_and_in_seconds(monkeypatch):
     monkeypatch.setattr(lm, "perf_counter", lambda: float(next(clock)))
     record = learn(a, b, batches, steps=100, seconds=2.5, t="random")[2]
     assert (record["steps"], len(record["loss"]), record["stopped"]) == (2, 2, "seconds")
+
+
+def test_a_training_split_of_one_batch_is_one_clear_line():
+    a = Autoencoder(in_filters=2, latent_dim=4, image_size=16)
+    loader = TensorLoader(torch.zeros(8, 3, 16, 16, dtype=torch.uint8), batch_size=8)
+    with pytest.raises(UserError, match="at least 2 training batches"):
+        align_to(a, copy.deepcopy(a), Alignment(method="ste"), loader, objective=MAE)
 
 
 def midpoint_test_loss(a, aligned, train_loader, test_loader, objective):
