@@ -2,11 +2,13 @@
 
     python align.py --init_start A.pt --init_end B.pt --out B_aligned.pt
     python align.py --init_start A.pt --init_end B.pt --out B_aligned.pt --method activation
+    python align.py --init_start A.pt --init_end B.pt --out B_aligned.pt --method ste --steps 200
 
 Writes an ordinary autoencoder checkpoint that computes the same function as B (checked on test
 images, to float round-off) with its units permuted (and, through the encoder's Tanh, its latent
-units negated) to lie as close to A as the method can bring it. The checkpoint records the
-permutations, the signs, and A's and B's paths and SHA-256. Use it wherever an endpoint is:
+units negated) to lie as close to A as the method can bring it, or (--method ste) to lower the
+loss of the segment between A and it, learned by the straight-through estimator. The checkpoint
+records the permutations, the signs, and A's and B's paths and SHA-256. Use it wherever an endpoint is:
 `eval_curve.py --connect TRIVIAL --init_start A.pt --init_end B_aligned.pt`, `train.py --curve`.
 """
 import os
@@ -14,12 +16,13 @@ import shlex
 import sys
 
 import dataset
-from aemc import checkpoints, distributed
+from aemc import checkpoints, distributed, learned_matching
 from aemc.alignment import align_to
 from aemc.cli import ArgParser, description, positive, run_cli
 from aemc.errors import UserError
 from aemc.evaluation import output_difference
 from aemc.files import check_output_file, file_digest, output_stem
+from aemc.objective import training_objective
 from utils import add_align_args, add_arch_arg, add_device_arg, alignment_settings, allow_architecture, resolve_device
 
 ROUND_OFF = 1e-4  # max |pi(B)(x) - B(x)| allowed: float32 round-off of a reordered sum, not a new function
@@ -51,9 +54,12 @@ def main(args):
     dataset.report_inherited(args, data, "--init_end's run")
     train_loader, test_loader = dataset.build_loaders(data, device)
     a, b = a.to(device), b.to(device)
-    aligned, record = align_to(a, b, alignment_settings(args), train_loader)
+    aligned, record = align_to(a, b, alignment_settings(args), train_loader,
+                               objective=training_objective(bck.settings, curve=False, device=device))
     for sweep, value in enumerate(record["objective"]):
         print(f"  {'before' if sweep == 0 else f'sweep {sweep}'}: <A, pi(B)> = {value:.6f}")
+    if "ste" in record:
+        print(learned_matching.summary(record["ste"]))
     batches = [x for _, x in zip(range(args.check_batches), test_loader)]
     differs, _ = output_difference(aligned, b, batches)
     print(f"||A - B|| = {record['distance_before']:.4f} before, ||A - pi(B)|| = {record['distance_after']:.4f} "

@@ -17,13 +17,14 @@ import numpy as np
 import torch
 
 import dataset
-from aemc import checkpoints, distributed, reports, tracking
+from aemc import checkpoints, distributed, learned_matching, reports, tracking
 from aemc.alignment import align_to
 from aemc.cli import ArgParser, description, positive, run_cli
 from aemc.ensembles import EndEnsembles
 from aemc.errors import UserError
 from aemc.evaluation import evaluate, prior_samples, update_bn
 from aemc.layerwise import LayerwisePath, layer_groups
+from aemc.objective import training_objective
 from aemc.paths import PathKey, summary, walk
 from aemc.repair import layers_to_repair
 from aemc.settings import Run
@@ -126,10 +127,14 @@ def add_derived_paths(args, loaded, session):
         if args.connect == "CURVE":  # points of a curve carry no BatchNorm statistics of their own
             for m in (a, b):
                 update_bn(session.train_loader.ordered(), m, num_batches=args.bn_batches)
-        b, alignment = align_to(a, b, alignment_settings(args), session.train_loader)
+        objective = training_objective(dataclasses.replace(loaded.run, loss=session.loss), curve=False,
+                                       device=session.device)  # the walk's loss, the run's beta
+        b, alignment = align_to(a, b, alignment_settings(args), session.train_loader, objective=objective)
         paths[PathKey("segment", aligned=True)] = connect(a, b)
         print(f"{args.align_method} matching: ||start - end|| = {alignment['distance_before']:.4f}, "
               f"||start - aligned end|| = {alignment['distance_after']:.4f}")
+        if "ste" in alignment:
+            print(learned_matching.summary(alignment["ste"]))
     if args.connect == "LAYERWISE":
         start, end = dict(a.named_parameters()), dict(b.named_parameters())
         paths = {PathKey("segment", aligned=args.align): connect(a, b)}
@@ -206,7 +211,8 @@ def main(args):
                     data=dataclasses.asdict(session.data), loss=dataclasses.asdict(session.loss),
                     speed=dataclasses.asdict(session.speed), evaluation=dataclasses.asdict(session.evaluation),
                     lpips=session.lpips.source if session.lpips is not None else None, num_images=args.num_images,
-                    ensemble=args.ensemble, alignment=alignment and {k: alignment[k] for k in ("method", "seed")})
+                    ensemble=args.ensemble, alignment=alignment and {**{k: alignment[k] for k in ("method", "seed")},
+                                                                     **learned_matching.identity(alignment)})
     started = time.time()
     results = {}
     for key, net in paths.items():  # each path's points are kept as they are computed: a rerun continues

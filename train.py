@@ -178,9 +178,10 @@ def load_ends(args):
     return {flag: checkpoints.load(path, kind="autoencoder", flag=flag) for flag, path in given.items()}
 
 
-def build_curve(args, resume, saved, train_loader, data_shape):
+def build_curve(args, resume, saved, train_loader, data_shape, endpoint_objective):
     """A CurveNet between the endpoint checkpoints (or, on --resume, as the checkpoint says); with
-    --align, its end is the --init_end endpoint with its units matched to the start's."""
+    --align, its end is the --init_end endpoint with its units matched to the start's (--align_method
+    ste lowers `endpoint_objective`, the run's without a curve's weight decay, along the segment)."""
     if resume:
         cfg = resume.curve_config
         checkpoints.check_config({"curve": args.curve, "num_bends": args.num_bends}, cfg, "the checkpoint")
@@ -210,7 +211,7 @@ def build_curve(args, resume, saved, train_loader, data_shape):
             raise UserError("--align needs both --init_start and --init_end")
         device = train_loader.device
         aligned, alignment = align_to(ends["--init_start"].to(device), ends["--init_end"].to(device),
-                                      alignment_settings(args), train_loader)
+                                      alignment_settings(args), train_loader, objective=endpoint_objective)
         ends["--init_end"] = aligned.cpu()
         print(f"--align: the end's units matched to the start's by {args.align_method} matching: "
               f"||start - end|| {alignment['distance_before']:.4f} -> {alignment['distance_after']:.4f}")
@@ -259,8 +260,9 @@ def main(args):
                                                       speed=settings.speed,
                                                       shard=True)
     data_shape = tuple(train_loader.images.shape[1:])
-    model, arch, curve_config = (build_curve(args, resume, ends, train_loader, data_shape) if is_curve
-                                 else build_endpoint(args, resume, data_shape))
+    endpoint_objective = training_objective(settings, curve=False, device=device)  # --align_method ste lowers it
+    model, arch, curve_config = (build_curve(args, resume, ends, train_loader, data_shape, endpoint_objective)
+                                 if is_curve else build_endpoint(args, resume, data_shape))
     t_sampler = None
     if is_curve and several:
         model.t_sampler = t_sampler = TSampler(settings.training.t_sampling, settings.training.seed, distributed.rank(),

@@ -8,6 +8,7 @@ from aemc import architectures, speed
 from aemc.cli import positive
 from aemc.errors import UserError
 from aemc.evaluation import Session
+from aemc.learned_matching import T_CHOICES
 from aemc.losses import LOSSES
 from aemc.settings import Alignment, Evaluation, Loss, Speed, Tracking
 
@@ -138,21 +139,33 @@ def output_dir(given_dir, sources, folder):
 # ----------------------------------------------------------------------------- alignment
 
 def add_align_args(parser, prefix="align_"):
-    """The alignment flags: align.py's own (prefix "": --method, --restarts, --seed), and those of
-    --align in train.py and eval_curve.py (--align_method, --align_restarts, --align_seed)."""
+    """The alignment flags: align.py's own (prefix "": --method, --restarts, --seed, --steps, ...),
+    and those of --align in train.py and eval_curve.py (--align_method, --align_restarts, ...)."""
     g = parser.add_argument_group("alignment")
-    g.add_argument(f"--{prefix}method", dest="align_method", choices=("weight", "activation"), default="weight",
-                   help="weight matching (Git Re-Basin) or activation matching on training batches (weight)")
+    g.add_argument(f"--{prefix}method", dest="align_method", choices=("weight", "activation", "ste"), default="weight",
+                   help="weight matching (Git Re-Basin), activation matching on training batches, or ste: "
+                        "permutations learned by the straight-through estimator to lower the segment's loss (weight)")
     g.add_argument(f"--{prefix}restarts", dest="align_restarts", type=positive(int), default=1,
                    help="weight matching: keep the best of N random update orders (1)")
     g.add_argument(f"--{prefix}seed", dest="align_seed", type=int, default=0, help="seed of the update orders (0)")
     g.add_argument("--no_latent_signs", action="store_true",
                    help="match the latent units by permutation only (default: also negate them: Tanh is odd)")
     g.add_argument("--align_batches", type=positive(int), default=20,
-                   help="activation matching: training batches whose activations are correlated (20)")
+                   help="activation matching: training batches whose activations are correlated; ste: training "
+                        "batches scoring each new projection's midpoint, half re-estimating BatchNorm, half measuring "
+                        "the loss (20)")
+    g.add_argument(f"--{prefix}steps", dest="align_steps", type=positive(int), default=200,
+                   help="ste: straight-through steps, one training batch each (200)")
+    g.add_argument(f"--{prefix}seconds", dest="align_seconds", type=positive(float), default=None,
+                   help="ste: stop after this many seconds if the steps are not done by then (no limit)")
+    g.add_argument(f"--{prefix}lr", dest="align_lr", type=positive(float), default=1e-2,
+                   help="ste: Adam's learning rate for the straight-through weights (1e-2)")
+    g.add_argument(f"--{prefix}ste_t", dest="align_ste_t", choices=T_CHOICES, default="midpoint",
+                   help="ste: the loss at the segment's midpoint, or at a t ~ U(0, 1) drawn each step (midpoint)")
     return g
 
 
 def alignment_settings(args):
     return Alignment(method=args.align_method, restarts=args.align_restarts, seed=args.align_seed,
-                     latent_signs=not args.no_latent_signs, batches=args.align_batches)
+                     latent_signs=not args.no_latent_signs, batches=args.align_batches, steps=args.align_steps,
+                     seconds=args.align_seconds, lr=args.align_lr, ste_t=args.align_ste_t)

@@ -8,6 +8,7 @@ it to A in weight space.
   permutations applied. Every step can only raise <A, pi(B)>, so ||A - pi(B)|| never grows.
 * Activation matching (their Sec. 3.1; Li et al. 2016): units paired by the correlation of their
   activations on training batches, one assignment per layer.
+* Learned matching (their Alg. 3, the straight-through estimator): aemc.learned_matching.
 
 Example::
     >>> aligned, record = align(a, b, method="weight", restarts=3, seed=0)
@@ -179,15 +180,17 @@ def activation_matching(spec, model_a, model_b, batches, use_signs=True):
     return perms, signs
 
 
-def align(model_a, model_b, method="weight", restarts=1, seed=0, use_signs=True, batches=None):
+def align(model_a, model_b, method="weight", restarts=1, seed=0, use_signs=True, batches=None, learned=None):
     """B's units reordered (and signed) to match A: (the aligned copy of B, a record of plain types:
-    method, permutations, signs, objective per sweep, distances before and after)."""
+    method, permutations, signs, objective per sweep, distances before and after). Method "ste"
+    takes what aemc.learned_matching learned, `learned` = (perms, signs, its record)."""
     spec = permutation_spec(model_b)
     params_a, params_b = _parameters(model_a), _parameters(model_b)
     if method == "weight":
         perms, signs, history = weight_matching(spec, params_a, params_b, restarts, seed, use_signs)
-    elif method == "activation":
-        perms, signs = activation_matching(spec, model_a, model_b, batches, use_signs)
+    elif method in ("activation", "ste"):
+        perms, signs = activation_matching(spec, model_a, model_b, batches, use_signs) if method == "activation" \
+            else learned[:2]
         history = [objective(spec, params_a, params_b, *identity(spec)),
                    objective(spec, params_a, params_b, perms, signs)]
     else:
@@ -196,10 +199,12 @@ def align(model_a, model_b, method="weight", restarts=1, seed=0, use_signs=True,
     aligned.load_state_dict(apply_permutation(spec, model_b.state_dict(), perms, signs))
     norm_a, norm_b = (sum(float((v ** 2).sum()) for v in params.values()) for params in (params_a, params_b))
     distance = [float(np.sqrt(max(norm_a + norm_b - 2 * value, 0.0))) for value in (history[0], history[-1])]
-    record = dict(method=method, restarts=restarts if method == "weight" else None, seed=seed,
+    record = dict(method=method, restarts=restarts if method in ("weight", "ste") else None, seed=seed,
                   latent_signs=use_signs, permutations={p: v.tolist() for p, v in perms.items()},
                   signs={p: v.tolist() for p, v in signs.items()}, objective=history,
                   distance_before=distance[0], distance_after=distance[1])
+    if method == "ste":
+        record["ste"] = learned[2]
     return aligned, record
 
 
@@ -213,10 +218,15 @@ def apply_record(model, record):
     return aligned
 
 
-def align_to(model_a, model_b, settings, train_loader):
+def align_to(model_a, model_b, settings, train_loader, *, objective):
     """align(model_a, model_b) as `settings` (an aemc.settings.Alignment) says; activation matching
-    reads the first `settings.batches` training batches."""
-    batches = None
+    reads the first `settings.batches` training batches; learned matching (ste) minimises
+    `objective` (the run's, aemc.objective) along the segment."""
+    batches = learned = None
     if settings.method == "activation":
         batches = [x for _, x in zip(range(settings.batches), train_loader.ordered())]
-    return align(model_a, model_b, settings.method, settings.restarts, settings.seed, settings.latent_signs, batches)
+    if settings.method == "ste":
+        from aemc.learned_matching import learn  # it imports this module
+        learned = learn(model_a, model_b, settings, train_loader, objective)
+    return align(model_a, model_b, settings.method, settings.restarts, settings.seed, settings.latent_signs, batches,
+                 learned)

@@ -96,11 +96,15 @@ class Evaluation:
 
 @dataclass(frozen=True)
 class Alignment:
-    method: str = "weight"           # weight | activation
+    method: str = "weight"           # weight | activation | ste
     restarts: int = 1
     seed: int = 0
     latent_signs: bool = True        # also negate latent units (Tanh is odd)
-    batches: int = 20                # activation matching: training batches correlated
+    batches: int = 20                # activation: batches correlated; ste: scoring batches (half BatchNorm, half loss)
+    steps: int = 200                 # ste: straight-through steps (at most)
+    seconds: Optional[float] = None  # ste: stop after this long, whatever `steps` says
+    lr: float = 1e-2                 # ste: Adam's learning rate for the straight-through weights
+    ste_t: str = "midpoint"          # ste: the loss at t = 0.5 (midpoint) or a t ~ U(0, 1) each step (random)
 
 
 @dataclass(frozen=True)
