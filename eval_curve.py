@@ -23,6 +23,7 @@ from aemc.cli import ArgParser, description, positive, run_cli
 from aemc.ensembles import EndEnsembles
 from aemc.errors import UserError
 from aemc.evaluation import evaluate, prior_samples, update_bn
+from aemc.latent import describe
 from aemc.layerwise import LayerwisePath, layer_groups
 from aemc.paths import PathKey, summary, walk
 from aemc.repair import layers_to_repair
@@ -130,6 +131,8 @@ def add_derived_paths(args, loaded, session):
         paths[PathKey("segment", aligned=True)] = connect(a, b)
         print(f"{args.align_method} matching: ||start - end|| = {alignment['distance_before']:.4f}, "
               f"||start - aligned end|| = {alignment['distance_after']:.4f}")
+        if alignment["latent"]:
+            print(describe(alignment["latent"]))
     if args.connect == "LAYERWISE":
         start, end = dict(a.named_parameters()), dict(b.named_parameters())
         paths = {PathKey("segment", aligned=args.align): connect(a, b)}

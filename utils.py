@@ -149,10 +149,13 @@ def add_align_args(parser, prefix="align_"):
     g.add_argument("--no_latent_signs", action="store_true",
                    help="match the latent units by permutation only (default: also negate them: Tanh is odd)")
     g.add_argument("--align_batches", type=positive(int), default=20,
-                   help="activation matching: training batches whose activations are correlated (20)")
+                   help="activation matching and the latent map: training batches read (20)")
+    g.add_argument(f"--{prefix}latent", dest="align_latent", choices=("orthogonal", "linear"), default=None,
+                   help="first fit a map of the end's latent code onto the start's (orthogonal: Procrustes; linear: "
+                        "least squares) and fold it into the end's weights, where the code is linear (default: none)")
     return g
 
 
 def alignment_settings(args):
     return Alignment(method=args.align_method, restarts=args.align_restarts, seed=args.align_seed,
-                     latent_signs=not args.no_latent_signs, batches=args.align_batches)
+                     latent_signs=not args.no_latent_signs, batches=args.align_batches, latent=args.align_latent)

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from aemc.architectures import permutation_spec
+from aemc.latent import fold_latent, replay
 from models.symmetry import apply_permutation, expand, identity
 
 MAX_SWEEPS = 100
@@ -179,10 +180,17 @@ def activation_matching(spec, model_a, model_b, batches, use_signs=True):
     return perms, signs
 
 
-def align(model_a, model_b, method="weight", restarts=1, seed=0, use_signs=True, batches=None):
+def align(model_a, model_b, method="weight", restarts=1, seed=0, use_signs=True, batches=None, latent=None):
     """B's units reordered (and signed) to match A: (the aligned copy of B, a record of plain types:
-    method, permutations, signs, objective per sweep, distances before and after)."""
+    method, permutations, signs, objective per sweep, distances before and after). With `latent`
+    (orthogonal | linear; None: no map), a map of B's code onto A's, fitted on `batches`, is first
+    folded into B (aemc.latent) and the permutations matched with the latent's held at the identity;
+    the record's `latent` entry says which map, or why none could be folded."""
     spec = permutation_spec(model_b)
+    distance_raw = _distance(_parameters(model_a), _parameters(model_b))
+    entry = None
+    if latent is not None:
+        model_b, spec, entry = fold_latent(model_a, model_b, spec, latent, batches)
     params_a, params_b = _parameters(model_a), _parameters(model_b)
     if method == "weight":
         perms, signs, history = weight_matching(spec, params_a, params_b, restarts, seed, use_signs)
@@ -195,19 +203,27 @@ def align(model_a, model_b, method="weight", restarts=1, seed=0, use_signs=True,
     aligned = copy.deepcopy(model_b)
     aligned.load_state_dict(apply_permutation(spec, model_b.state_dict(), perms, signs))
     norm_a, norm_b = (sum(float((v ** 2).sum()) for v in params.values()) for params in (params_a, params_b))
-    distance = [float(np.sqrt(max(norm_a + norm_b - 2 * value, 0.0))) for value in (history[0], history[-1])]
+    distance_after = float(np.sqrt(max(norm_a + norm_b - 2 * history[-1], 0.0)))
     record = dict(method=method, restarts=restarts if method == "weight" else None, seed=seed,
                   latent_signs=use_signs, permutations={p: v.tolist() for p, v in perms.items()},
                   signs={p: v.tolist() for p, v in signs.items()}, objective=history,
-                  distance_before=distance[0], distance_after=distance[1])
+                  distance_before=distance_raw, distance_after=distance_after, latent=entry)
     return aligned, record
 
 
+def _distance(params_a, params_b):
+    return float(sum(((params_a[k] - params_b[k]) ** 2).sum() for k in params_a)) ** 0.5
+
+
 def apply_record(model, record):
-    """The copy of `model` that a recorded alignment (align's record) turns it into."""
+    """The copy of `model` that a recorded alignment (align's record) turns it into: its latent
+    map folded in (where one was), then its permutations (a unit not recorded stays in place)."""
     spec = permutation_spec(model)
-    perms = {p: torch.tensor(v) for p, v in record["permutations"].items()}
-    signs = {p: torch.tensor(v, dtype=torch.float32) for p, v in record["signs"].items()}
+    if record.get("latent"):
+        model, spec = replay(model, spec, record["latent"])
+    perms, signs = identity(spec)
+    perms.update({p: torch.tensor(v) for p, v in record["permutations"].items()})
+    signs.update({p: torch.tensor(v, dtype=torch.float32) for p, v in record["signs"].items()})
     aligned = copy.deepcopy(model)
     aligned.load_state_dict(apply_permutation(spec, model.state_dict(), perms, signs))
     return aligned
@@ -215,8 +231,9 @@ def apply_record(model, record):
 
 def align_to(model_a, model_b, settings, train_loader):
     """align(model_a, model_b) as `settings` (an aemc.settings.Alignment) says; activation matching
-    reads the first `settings.batches` training batches."""
+    and the latent map (settings.latent) read the first `settings.batches` training batches."""
     batches = None
-    if settings.method == "activation":
+    if settings.method == "activation" or settings.latent:
         batches = [x for _, x in zip(range(settings.batches), train_loader.ordered())]
-    return align(model_a, model_b, settings.method, settings.restarts, settings.seed, settings.latent_signs, batches)
+    return align(model_a, model_b, settings.method, settings.restarts, settings.seed, settings.latent_signs, batches,
+                 settings.latent)

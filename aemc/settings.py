@@ -100,7 +100,8 @@ class Alignment:
     restarts: int = 1
     seed: int = 0
     latent_signs: bool = True        # also negate latent units (Tanh is odd)
-    batches: int = 20                # activation matching: training batches correlated
+    batches: int = 20                # activation matching, the latent map: training batches read
+    latent: Optional[str] = None     # orthogonal | linear: a map of the code folded in first (aemc.latent); None: none
 
 
 @dataclass(frozen=True)
