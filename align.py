@@ -6,7 +6,9 @@
 Writes an ordinary autoencoder checkpoint that computes the same function as B (checked on test
 images, to float round-off) with its units permuted (and, through the encoder's Tanh, its latent
 units negated) to lie as close to A as the method can bring it. The checkpoint records the
-permutations, the signs, and A's and B's paths and SHA-256. Use it wherever an endpoint is:
+permutations, the signs, and A's and B's paths and SHA-256. With --latent orthogonal|linear, a map
+of B's latent code onto A's is first fitted and folded into B's weights, where the code is linear
+(aemc/latent.py); where it is not, one line says why. Use it wherever an endpoint is:
 `eval_curve.py --connect TRIVIAL --init_start A.pt --init_end B_aligned.pt`, `train.py --curve`.
 """
 import os

@@ -29,6 +29,7 @@ Example::
     >>> fit = fit_map(model_a, model_b, latent, batches, "orthogonal")
     >>> folded = fold(model_b, latent, fit["matrix"])      # the same function; its code is T z
 """
+import collections
 import copy
 import dataclasses
 import math
@@ -90,10 +91,7 @@ def _follow(graph, start):
     code = shape_of(start)
     channels, block = code[1], math.prod(code[2:])
     latent = Latent(start.target, channels, [start.target], {})
-    calls = {}
-    for n in graph.graph.nodes:
-        if n.op == "call_module":
-            calls[n.target] = calls.get(n.target, 0) + 1
+    calls = collections.Counter(n.target for n in graph.graph.nodes if n.op == "call_module")
 
     def refuse(why):
         latent.reason = latent.reason or why
@@ -168,7 +166,7 @@ def code_sums(model_a, model_b, layer, batches):
     gram = cross = None
     norm, count = 0.0, 0
     try:
-        for x in batches:
+        for x in batches or ():
             model_a(x), model_b(x)
             a, b = codes["a"], codes["b"]
             gram = b.T @ b if gram is None else gram + b.T @ b
@@ -258,6 +256,8 @@ def without(spec, layer):
 def fold_latent(model_a, model_b, spec, kind, batches):
     """(B with the fitted T folded in, `spec` with the latent's permutation held at the identity,
     the record's entry); where the code cannot take a map: (B, spec, the entry with the fallback)."""
+    if kind not in MAPS:
+        raise ValueError(f"unknown latent map {kind!r}: one of {MAPS}")
     latent = find_latent(model_b, spec)
     if latent.reason:
         return model_b, spec, dict(map=kind, layer=latent.layer, fallback=fallback_line(latent))

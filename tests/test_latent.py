@@ -17,7 +17,8 @@ from symmetry_grammar import build as build_drawn
 import eval_curve
 from aemc import checkpoints
 from aemc.alignment import align, apply_record
-from aemc.latent import find_latent, fit_map, fold, posterior_effect, without
+from aemc.errors import UserError
+from aemc.latent import find_latent, fit_map, fold, posterior_effect, solve, without
 from aemc.losses import build_loss, reconstruction
 from conftest import run_script, train_main
 from examples.my_autoencoder import build as build_mine
@@ -126,6 +127,15 @@ def test_the_fitted_maps_are_scipys_procrustes_and_numpys_least_squares():
         assert fit["condition"] == pytest.approx(np.linalg.cond(expected), rel=1e-6)
         assert fit["codes"] == 48
     assert fit["residual"] < np.linalg.norm(z_b @ rotation - z_a) / np.linalg.norm(z_a)  # least squares fits best
+
+
+def test_a_linear_map_of_codes_that_span_fewer_dimensions_is_refused_in_one_line():
+    z = np.random.default_rng(0).standard_normal((20, 3)) @ np.array([[1.0, 0, 1], [0, 1, 1], [0, 0, 0]])  # rank 2
+    with pytest.raises(UserError, match="span 2 of 3 dimensions") as error:
+        solve(z.T @ z, z.T @ z, "linear")
+    assert "\n" not in str(error.value)
+    t = solve(z.T @ z, z.T @ z, "orthogonal")  # still determined on the codes' span: Z onto itself
+    assert np.abs(z @ t.T - z).max() < 1e-9 and np.abs(t @ t.T - np.eye(3)).max() < 1e-12
 
 
 def test_the_conv_autoencoder_falls_back_to_signed_permutations_in_one_line():
