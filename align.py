@@ -8,7 +8,10 @@ Writes an ordinary autoencoder checkpoint that computes the same function as B (
 images, to float round-off) with its units permuted (and, through the encoder's Tanh, its latent
 units negated) to lie as close to A as the method can bring it, or (--method ste) to lower the
 loss of the segment between A and it, learned by the straight-through estimator. The checkpoint
-records the permutations, the signs, and A's and B's paths and SHA-256. Use it wherever an endpoint is:
+records the permutations, the signs, and A's and B's paths and SHA-256. With --latent
+orthogonal|linear, a map of B's latent code onto A's is first fitted and folded into B's weights,
+where the code is linear (aemc/latent.py); where it is not, one line says why. Use it wherever an
+endpoint is:
 `eval_curve.py --connect TRIVIAL --init_start A.pt --init_end B_aligned.pt`, `train.py --curve`.
 """
 import os
@@ -16,12 +19,13 @@ import shlex
 import sys
 
 import dataset
-from aemc import checkpoints, distributed, learned_matching
+from aemc import checkpoints, distributed, latent, learned_matching
 from aemc.alignment import align_to
 from aemc.cli import ArgParser, description, positive, run_cli
 from aemc.errors import UserError
 from aemc.evaluation import output_difference
 from aemc.files import check_output_file, file_digest, output_stem
+from aemc.losses import build_loss
 from aemc.objective import training_objective
 from utils import add_align_args, add_arch_arg, add_device_arg, alignment_settings, allow_architecture, resolve_device
 
@@ -61,11 +65,22 @@ def main(args):
     if "ste" in record:
         print(learned_matching.summary(record["ste"]))
     batches = [x for _, x in zip(range(args.check_batches), test_loader)]
+    if record["latent"]:
+        print(latent.describe(record["latent"]))
+        if record["latent"].get("returned") and hasattr(b, "decode"):  # a VAE: what the fold changes
+            loss = build_loss(bck.settings.loss.loss_function, bck.settings.loss.num_filters).to(device)
+            record["latent"]["posterior"] = effect = latent.posterior_effect(b, aligned, batches, loss, seed=0)
+            print(f"VAE: KL per pixel value {effect['kl_before']:.6g} -> {effect['kl_after']:.6g}, loss of a "
+                  f"posterior sample (fixed noise) {effect['sampled_before']:.6g} -> {effect['sampled_after']:.6g}; "
+                  "the reconstruction from the mean is unchanged")
     differs, _ = output_difference(aligned, b, batches)
     print(f"||A - B|| = {record['distance_before']:.4f} before, ||A - pi(B)|| = {record['distance_after']:.4f} "
           f"after {args.align_method} matching; max |pi(B)(x) - B(x)| = {differs:.2e} on "
           f"{sum(len(x) for x in batches)} test images")
     if not differs < ROUND_OFF:
+        if (record["latent"] or {}).get("condition", 1) > 100:  # a fold's round-off grows with T's condition number
+            raise UserError(f"the folded latent map (condition number {record['latent']['condition']:.3g}) changes the "
+                            f"output by up to {differs:.2e}: nothing was written; use --latent orthogonal")
         raise UserError(f"the aligned model computes another function (max difference {differs:.2e}): "
                         "nothing was written; please report this")
     source = dict(aligned_to={"path": os.path.abspath(args.init_start), "sha256": file_digest(args.init_start)},

@@ -96,7 +96,8 @@ def load_curve_and_ends(args, device):
     (start, sck), (end, _) = checkpoints.load_endpoints(paths)
     if ck is not None and ck.curve_config.get("alignment") and not args.init_end:
         end = apply_record(end, ck.curve_config["alignment"])  # the curve ends at the aligned copy
-        paths[1] = f"{paths[1]} (its units permuted as the curve records: --align)"
+        folded = "matrix" in (ck.curve_config["alignment"].get("latent") or {})
+        paths[1] = f"{paths[1]} (its units permuted as the curve records: --align{' with its latent map' * folded})"
     if ck is None:  # the original's check: a fresh curve between the endpoints, as training builds it
         try:
             curve = connect(start, end, args.curve, args.num_bends)

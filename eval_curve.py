@@ -23,6 +23,7 @@ from aemc.cli import ArgParser, description, positive, run_cli
 from aemc.ensembles import EndEnsembles
 from aemc.errors import UserError
 from aemc.evaluation import evaluate, prior_samples, update_bn
+from aemc.latent import describe
 from aemc.layerwise import LayerwisePath, layer_groups
 from aemc.objective import training_objective
 from aemc.paths import PathKey, summary, walk
@@ -135,6 +136,8 @@ def add_derived_paths(args, loaded, session):
               f"||start - aligned end|| = {alignment['distance_after']:.4f}")
         if "ste" in alignment:
             print(learned_matching.summary(alignment["ste"]))
+        if alignment["latent"]:
+            print(describe(alignment["latent"]))
     if args.connect == "LAYERWISE":
         start, end = dict(a.named_parameters()), dict(b.named_parameters())
         paths = {PathKey("segment", aligned=args.align): connect(a, b)}
@@ -211,8 +214,10 @@ def main(args):
                     data=dataclasses.asdict(session.data), loss=dataclasses.asdict(session.loss),
                     speed=dataclasses.asdict(session.speed), evaluation=dataclasses.asdict(session.evaluation),
                     lpips=session.lpips.source if session.lpips is not None else None, num_images=args.num_images,
-                    ensemble=args.ensemble, alignment=alignment and {**{k: alignment[k] for k in ("method", "seed")},
-                                                                     **learned_matching.identity(alignment)})
+                    ensemble=args.ensemble,
+                    alignment=alignment and {**{k: alignment[k] for k in ("method", "seed")},
+                                             "latent": (alignment["latent"] or {}).get("map"),
+                                             **learned_matching.identity(alignment)})
     started = time.time()
     results = {}
     for key, net in paths.items():  # each path's points are kept as they are computed: a rerun continues

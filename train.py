@@ -25,6 +25,7 @@ from aemc.cli import ArgParser, description, json_object, positive, run_cli
 from aemc.errors import UserError, warn
 from aemc.evaluation import evaluate, update_bn
 from aemc.files import RunDir
+from aemc.latent import describe
 from aemc.losses import LOSSES
 from aemc.objective import training_objective
 from aemc.settings import RESULT_SETTINGS, Architecture, Data, Loss, Optimizer, Run, Training
@@ -215,6 +216,8 @@ def build_curve(args, resume, saved, train_loader, data_shape, endpoint_objectiv
         ends["--init_end"] = aligned.cpu()
         print(f"--align: the end's units matched to the start's by {args.align_method} matching: "
               f"||start - end|| {alignment['distance_before']:.4f} -> {alignment['distance_after']:.4f}")
+        if alignment["latent"]:
+            print(describe(alignment["latent"]))
     num_bends = args.num_bends or 3
     try:
         net = connect(ends.get("--init_start"), ends.get("--init_end"), args.curve, num_bends,

@@ -151,7 +151,7 @@ def add_align_args(parser, prefix="align_"):
     g.add_argument("--no_latent_signs", action="store_true",
                    help="match the latent units by permutation only (default: also negate them: Tanh is odd)")
     g.add_argument("--align_batches", type=positive(int), default=20,
-                   help="activation matching: training batches whose activations are correlated; ste: training "
+                   help="activation matching and the latent map: training batches read; ste: training "
                         "batches scoring each new projection's midpoint, half re-estimating BatchNorm, half measuring "
                         "the loss (20)")
     g.add_argument(f"--{prefix}steps", dest="align_steps", type=positive(int), default=200,
@@ -162,10 +162,13 @@ def add_align_args(parser, prefix="align_"):
                    help="ste: Adam's learning rate for the straight-through weights (1e-2)")
     g.add_argument(f"--{prefix}ste_t", dest="align_ste_t", choices=T_CHOICES, default="midpoint",
                    help="ste: the loss at the segment's midpoint, or at a t ~ U(0, 1) drawn each step (midpoint)")
+    g.add_argument(f"--{prefix}latent", dest="align_latent", choices=("orthogonal", "linear"), default=None,
+                   help="first fit a map of the end's latent code onto the start's (orthogonal: Procrustes; linear: "
+                        "least squares) and fold it into the end's weights, where the code is linear (default: none)")
     return g
 
 
 def alignment_settings(args):
     return Alignment(method=args.align_method, restarts=args.align_restarts, seed=args.align_seed,
                      latent_signs=not args.no_latent_signs, batches=args.align_batches, steps=args.align_steps,
-                     seconds=args.align_seconds, lr=args.align_lr, ste_t=args.align_ste_t)
+                     seconds=args.align_seconds, lr=args.align_lr, ste_t=args.align_ste_t, latent=args.align_latent)

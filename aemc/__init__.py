@@ -22,6 +22,7 @@ and third-party code. Its modules, by job:
     geometry      the plane through three points of weight space
     alignment     weight and activation matching of hidden units
     learned_matching  permutations learned to lower the segment's loss (straight-through estimator)
+    latent        a map of one latent space onto another, folded into the weights
     repair        REPAIR: a point's per-channel statistics rescaled to the ends' interpolation
     ensembles     ensembles of autoencoders scored like one model
     studies       the study's plan of stages, its state file and its table

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from aemc.architectures import permutation_spec
+from aemc.latent import fold_latent, replay
 from models.symmetry import apply_permutation, expand, identity
 
 MAX_SWEEPS = 100
@@ -180,17 +181,27 @@ def activation_matching(spec, model_a, model_b, batches, use_signs=True):
     return perms, signs
 
 
-def align(model_a, model_b, method="weight", restarts=1, seed=0, use_signs=True, batches=None, learned=None):
+def align(model_a, model_b, method="weight", restarts=1, seed=0, use_signs=True, batches=None, latent=None,
+          learner=None):
     """B's units reordered (and signed) to match A: (the aligned copy of B, a record of plain types:
-    method, permutations, signs, objective per sweep, distances before and after). Method "ste"
-    takes what aemc.learned_matching learned, `learned` = (perms, signs, its record)."""
+    method, permutations, signs, objective per sweep, distances before and after). With `latent`
+    (orthogonal | linear; None: no map), a map of B's code onto A's, fitted on `batches`, is first
+    folded into B (aemc.latent) and the permutations matched with the latent's held at the identity;
+    the record's `latent` entry says which map, or why none could be folded. Method "ste" calls
+    `learner(model_a, B, spec)` (aemc.learned_matching) on B as folded, for (perms, signs, its record)."""
     spec = permutation_spec(model_b)
+    distance_raw = _distance(_parameters(model_a), _parameters(model_b))
+    entry = None
+    if latent is not None:
+        model_b, spec, entry = fold_latent(model_a, model_b, spec, latent, batches)
     params_a, params_b = _parameters(model_a), _parameters(model_b)
     if method == "weight":
         perms, signs, history = weight_matching(spec, params_a, params_b, restarts, seed, use_signs)
     elif method in ("activation", "ste"):
-        perms, signs = activation_matching(spec, model_a, model_b, batches, use_signs) if method == "activation" \
-            else learned[:2]
+        if method == "activation":
+            perms, signs = activation_matching(spec, model_a, model_b, batches, use_signs)
+        else:
+            perms, signs, learned = learner(model_a, model_b, spec)
         history = [objective(spec, params_a, params_b, *identity(spec)),
                    objective(spec, params_a, params_b, perms, signs)]
     else:
@@ -198,21 +209,29 @@ def align(model_a, model_b, method="weight", restarts=1, seed=0, use_signs=True,
     aligned = copy.deepcopy(model_b)
     aligned.load_state_dict(apply_permutation(spec, model_b.state_dict(), perms, signs))
     norm_a, norm_b = (sum(float((v ** 2).sum()) for v in params.values()) for params in (params_a, params_b))
-    distance = [float(np.sqrt(max(norm_a + norm_b - 2 * value, 0.0))) for value in (history[0], history[-1])]
+    distance_after = float(np.sqrt(max(norm_a + norm_b - 2 * history[-1], 0.0)))
     record = dict(method=method, restarts=restarts if method in ("weight", "ste") else None, seed=seed,
                   latent_signs=use_signs, permutations={p: v.tolist() for p, v in perms.items()},
                   signs={p: v.tolist() for p, v in signs.items()}, objective=history,
-                  distance_before=distance[0], distance_after=distance[1])
+                  distance_before=distance_raw, distance_after=distance_after, latent=entry)
     if method == "ste":
-        record["ste"] = learned[2]
+        record["ste"] = learned
     return aligned, record
 
 
+def _distance(params_a, params_b):
+    return float(sum(((params_a[k] - params_b[k]) ** 2).sum() for k in params_a)) ** 0.5
+
+
 def apply_record(model, record):
-    """The copy of `model` that a recorded alignment (align's record) turns it into."""
+    """The copy of `model` that a recorded alignment (align's record) turns it into: its latent
+    map folded in (where one was), then its permutations (a unit not recorded stays in place)."""
     spec = permutation_spec(model)
-    perms = {p: torch.tensor(v) for p, v in record["permutations"].items()}
-    signs = {p: torch.tensor(v, dtype=torch.float32) for p, v in record["signs"].items()}
+    if record.get("latent"):
+        model, spec = replay(model, spec, record["latent"])
+    perms, signs = identity(spec)
+    perms.update({p: torch.tensor(v) for p, v in record["permutations"].items()})
+    signs.update({p: torch.tensor(v, dtype=torch.float32) for p, v in record["signs"].items()})
     aligned = copy.deepcopy(model)
     aligned.load_state_dict(apply_permutation(spec, model.state_dict(), perms, signs))
     return aligned
@@ -220,13 +239,15 @@ def apply_record(model, record):
 
 def align_to(model_a, model_b, settings, train_loader, *, objective):
     """align(model_a, model_b) as `settings` (an aemc.settings.Alignment) says; activation matching
-    reads the first `settings.batches` training batches; learned matching (ste) minimises
-    `objective` (the run's, aemc.objective) along the segment."""
-    batches = learned = None
-    if settings.method == "activation":
+    and the latent map (settings.latent) read the first `settings.batches` training batches; learned
+    matching (ste) minimises `objective` (the run's, aemc.objective) along the segment, after the map."""
+    batches = learner = None
+    if settings.method == "activation" or settings.latent:
         batches = [x for _, x in zip(range(settings.batches), train_loader.ordered())]
     if settings.method == "ste":
         from aemc.learned_matching import learn  # it imports this module
-        learned = learn(model_a, model_b, settings, train_loader, objective)
+
+        def learner(a, b, spec):
+            return learn(a, b, spec, settings, train_loader, objective)
     return align(model_a, model_b, settings.method, settings.restarts, settings.seed, settings.latent_signs, batches,
-                 learned)
+                 settings.latent, learner)

@@ -33,7 +33,7 @@ batch, and, when the projection changed, the scoring: len(bn_batches) + len(loss
 passes.
 
 Example::
-    >>> perms, signs, record = straight_through(a, b, objective, batches=loader, bn_batches=first,
+    >>> perms, signs, record = straight_through(a, b, spec, objective, batches=loader, bn_batches=first,
     ...     loss_batches=second, steps=200, seconds=None, lr=1e-2, t="midpoint", seed=0, restarts=1,
     ...     use_signs=True)
     >>> record["best_step"], record["best_midpoint_loss"], record["weight_matching_midpoint_loss"]
@@ -51,7 +51,6 @@ from tqdm import tqdm
 
 from aemc import distributed
 from aemc.alignment import weight_matching
-from aemc.architectures import permutation_spec
 from aemc.errors import UserError
 from aemc.evaluation import update_bn
 from models.symmetry import apply_permutation
@@ -126,11 +125,12 @@ def _forever(batches):
         yield from batches
 
 
-def straight_through(model_a, model_b, objective, *, batches, bn_batches, loss_batches, steps, seconds, lr, t,
+def straight_through(model_a, model_b, spec, objective, *, batches, bn_batches, loss_batches, steps, seconds, lr, t,
                      seed, restarts, use_signs, verbose=True):
     """Permutations (and signs) of B's units learned by the straight-through estimator (see the
     module docstring): (perms, signs, record of plain types).
 
+    spec: B's PermutationSpec (with a latent map folded in, the latent's permutation left out).
     objective: the run's (aemc.objective.Objective; its total is minimised). batches: training
     batches for the steps, cycled. bn_batches, loss_batches: fixed training batches scoring each
     projection. steps: at most this many; seconds: or stop once this long has passed (None: no
@@ -144,7 +144,6 @@ def straight_through(model_a, model_b, objective, *, batches, bn_batches, loss_b
     if t not in T_CHOICES:
         raise ValueError(f"t must be one of {T_CHOICES}, got {t!r}")
     start = perf_counter()
-    spec = permutation_spec(model_b)
     a = {name: p.detach() for name, p in model_a.named_parameters()}
     b = {name: p.detach() for name, p in model_b.named_parameters()}
     b64 = {name: v.cpu().double() for name, v in b.items()}
@@ -189,7 +188,7 @@ def straight_through(model_a, model_b, objective, *, batches, bn_batches, loss_b
     return perms, signs, record
 
 
-def learn(model_a, model_b, settings, train_loader, objective):
+def learn(model_a, model_b, spec, settings, train_loader, objective):
     """straight_through as `settings` (an aemc.settings.Alignment) says, on `train_loader`: its
     shuffled batches for the steps; of its fixed order, the first `settings.batches` batches score
     the projections: the first half re-estimates BatchNorm, the second half measures the loss (one
@@ -202,7 +201,7 @@ def learn(model_a, model_b, settings, train_loader, objective):
     fixed = list(itertools.islice(ordered, 2 * k))
     # under torchrun every process learns and all take rank 0's result: a budget in seconds, or a GPU's
     # non-deterministic kernels, could make them differ, and the processes must share one aligned end
-    learned = straight_through(model_a, model_b, objective, batches=train_loader, bn_batches=fixed[:k],
+    learned = straight_through(model_a, model_b, spec, objective, batches=train_loader, bn_batches=fixed[:k],
                                loss_batches=fixed[k:], steps=settings.steps, seconds=settings.seconds, lr=settings.lr,
                                t=settings.ste_t, seed=settings.seed, restarts=settings.restarts,
                                use_signs=settings.latent_signs, verbose=distributed.is_main())

@@ -100,11 +100,12 @@ class Alignment:
     restarts: int = 1
     seed: int = 0
     latent_signs: bool = True        # also negate latent units (Tanh is odd)
-    batches: int = 20                # activation: batches correlated; ste: scoring batches (half BatchNorm, half loss)
+    batches: int = 20                # activation, latent map: batches read; ste: scoring batches (half BN, half loss)
     steps: int = 200                 # ste: straight-through steps (at most)
     seconds: Optional[float] = None  # ste: stop after this long, whatever `steps` says
     lr: float = 1e-2                 # ste: Adam's learning rate for the straight-through weights
     ste_t: str = "midpoint"          # ste: the loss at t = 0.5 (midpoint) or a t ~ U(0, 1) each step (random)
+    latent: Optional[str] = None     # orthogonal | linear: a map of the code folded in first (aemc.latent); None: none
 
 
 @dataclass(frozen=True)

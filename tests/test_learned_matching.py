@@ -44,7 +44,7 @@ def planted(model, seed, noise):
 
 
 def learn(a, b, batches, steps, lr=1e-2, t="midpoint", seconds=None):
-    return lm.straight_through(a, b, MAE, batches=batches, bn_batches=batches[:1], loss_batches=batches[1:],
+    return lm.straight_through(a, b, permutation_spec(b), MAE, batches=batches, bn_batches=batches[:1], loss_batches=batches[1:],
                                steps=steps, seconds=seconds, lr=lr, t=t, seed=0, restarts=1, use_signs=True,
                                verbose=False)
 
