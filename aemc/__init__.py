@@ -21,6 +21,8 @@ and third-party code. Its modules, by job:
     resumable     long evaluations written point by point, resumed after a stop
     geometry      the plane through three points of weight space
     alignment     weight and activation matching of hidden units
+    stitching     model stitching: A's bottom, a fitted map, B's top; the penalty at every cut
+    channel_maps  maps between two models' activations (permutation, Procrustes, least squares)
     repair        REPAIR: a point's per-channel statistics rescaled to the ends' interpolation
     ensembles     ensembles of autoencoders scored like one model
     studies       the study's plan of stages, its state file and its table
