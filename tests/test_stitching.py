@@ -147,12 +147,30 @@ DRAWN = settings(max_examples=15, derandomize=True, deadline=None, database=None
                 suppress_health_check=list(HealthCheck))
 
 
+def identifiable(moments):
+    """Whether the fitting activations single out one pairing of channels by correlation: each of the
+    bottom's channels varies, and no two are perfectly correlated (one an affine function of the
+    other: a one-channel input through a 1x1 convolution, a GroupNorm of two units, ...)."""
+    n = moments.count
+    total, _, squares, _, _ = (t.numpy() for t in moments.terms)
+    mean = total / n
+    cov = squares / n - np.outer(mean, mean)
+    std = np.sqrt(np.clip(np.diag(cov), 0, None))
+    if (std <= 1e-6 * std.max()).any():
+        return False
+    correlation = cov / np.outer(std, std)
+    return bool((np.abs(correlation - np.eye(len(std))) < 1 - 1e-6).all())
+
+
 @DRAWN
 @given(recipes())
 def test_a_drawn_model_stitched_into_itself_or_a_permuted_copy_reproduces_its_output(recipe):
-    """Identity map into itself; the permutation map, fitted on activations, into a copy of itself
-    whose units are permuted (models.symmetry, no signs). Float64: round-off ~1e-15 of the output,
-    a wrong pairing of units ~1e-1."""
+    """Into itself with the identity map; into a copy of itself whose units are permuted (models.symmetry,
+    no signs) with the orthogonal map (Procrustes reproduces the copy's activations exactly where an
+    orthogonal map can: on the fitting images, whatever their rank) and with the permutation map
+    where correlations identify it (on held-out images; 96% of the points of 200 drawn models, and
+    it was right at all of them). Float64: round-off ~1e-15 of the output, a wrong pairing of units
+    ~1e-1."""
     model = build_drawn(recipe)
     in_channels, size, _, _ = recipe
     g = torch.Generator().manual_seed(0)
@@ -162,15 +180,21 @@ def test_a_drawn_model_stitched_into_itself_or_a_permuted_copy_reproduces_its_ou
     permuted = copy.deepcopy(model)
     perms, _ = random_permutation(spec, torch.Generator().manual_seed(1), signs=False)
     permuted.load_state_dict(apply_permutation(spec, model.state_dict(), perms))
-    moments = measure(model, permuted, points, [x[:6], x[6:12]], amp="none")
-    held_out = x[12:]
-    expected = outputs(model, held_out)
+    fitting, held_out = x[:12], x[12:]
+    moments = measure(model, permuted, points, [fitting[:6], fitting[6:]], amp="none")
+    expected, expected_fitting = outputs(model, held_out), outputs(model, fitting)
     scale = expected[0].abs().max().item()
     for p in points:
         identity = Stitched(model, model, p.layer, ChannelMap("identity", *fit("identity", moments[p.layer])))
         assert largest_difference(identity, held_out, expected) <= 1e-12 * scale, p
-        matched = Stitched(model, permuted, p.layer, ChannelMap("permutation", *fit("permutation", moments[p.layer])))
-        assert largest_difference(matched, held_out, expected) <= 1e-9 * scale, p
+        rotated = Stitched(model, permuted, p.layer, ChannelMap("orthogonal", *fit("orthogonal", moments[p.layer])))
+        # where the fitting activations are rank-deficient the SVD pairs directions of round-off size
+        # arbitrarily: sqrt(1e-16) of the output (4e-7 seen in 324 points of 200 drawn models), not 1e-15
+        assert largest_difference(rotated, fitting, expected_fitting) <= 1e-5 * scale, p
+        if identifiable(moments[p.layer]):
+            matched = Stitched(model, permuted, p.layer,
+                               ChannelMap("permutation", *fit("permutation", moments[p.layer])))
+            assert largest_difference(matched, held_out, expected) <= 1e-9 * scale, p
 
 
 # the tiny ends' run, on its first 60 images only (48 train, 12 test): each stitched model scored in a blink
