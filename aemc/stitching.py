@@ -291,12 +291,14 @@ def stitch_layers(model_a, model_b, points, kind, batches, amp, score, ends):
     `kind` fitted on `batches` (activations in the mixed precision `amp` that `score` evaluates
     with), the stitched model scored by `score` (model -> {metric: value}) and
     its penalty against `ends` (A's and B's scores). Yields (record, {direction: (W, b) as numpy})
-    per point: record = {layer, depth, shape, directions: {direction: {label, metrics, penalty,
-    unexplained}}}."""
+    per point: record = {layer, depth, shape, fit_samples (images x positions), directions:
+    {direction: {label, metrics, penalty, unexplained}}}."""
     moments = measure(model_a, model_b, points, batches, amp)
     device = next(model_a.parameters()).device
     for p in points:
-        record, maps = {"layer": p.layer, "depth": p.depth, "shape": list(p.shape), "directions": {}}, {}
+        record = {"layer": p.layer, "depth": p.depth, "shape": list(p.shape), "fit_samples": moments[p.layer].count,
+                  "directions": {}}
+        maps = {}
         sides = {"a_into_b": (model_a, model_b, moments[p.layer]),
                  "b_into_a": (model_b, model_a, moments[p.layer].swapped())}
         for key, (bottom, top, m) in sides.items():
@@ -309,7 +311,10 @@ def stitch_layers(model_a, model_b, points, kind, batches, amp, score, ends):
 
 
 def describe(record, loss_name):
-    """One line per direction of a stitched point's record."""
+    """One line per direction of a stitched point's record (and a warning when the map was fitted on
+    fewer samples than twice its channels: a least-squares fit then (nearly) interpolates them)."""
+    channels, samples = record["shape"][0], record["fit_samples"]
+    few = f" (fitted on only {samples} samples for {channels} channels)" if samples < 2 * channels else ""
     return [f"{record['layer']} (depth {record['depth']}, {tuple(record['shape'])}) {d['label']}: test {loss_name} "
             f"{d['metrics']['loss']:.5f}, penalty {d['penalty']['loss']:+.5f}; the map leaves "
-            f"{d['unexplained']:.1%} of the top's variance unexplained" for d in record["directions"].values()]
+            f"{d['unexplained']:.1%} of the top's variance unexplained{few}" for d in record["directions"].values()]
