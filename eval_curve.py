@@ -17,26 +17,28 @@ import numpy as np
 import torch
 
 import dataset
-from aemc import checkpoints, distributed, learned_matching, reports, tracking
+from aemc import checkpoints, distributed, latent, learned_matching, reports, tracking
 from aemc.alignment import align_to
 from aemc.cli import ArgParser, description, positive, run_cli
 from aemc.ensembles import EndEnsembles
 from aemc.errors import UserError
 from aemc.evaluation import evaluate, prior_samples, update_bn
-from aemc.latent import describe
 from aemc.layerwise import LayerwisePath, layer_groups
 from aemc.objective import training_objective
 from aemc.paths import PathKey, summary, walk
 from aemc.repair import layers_to_repair
 from aemc.settings import Run
+from aemc.stitching import BATCHNORM, describe, scorer, select, stitch_layers, stitch_points
 from models.curves import connect, curve_name
 from utils import (
     add_align_args,
     add_evaluation_args,
+    add_stitch_args,
     alignment_settings,
     loss_settings,
     open_session,
     output_dir,
+    stitching_settings,
     tracking_settings,
 )
 
@@ -73,6 +75,7 @@ def get_args_parser():
     p.add_argument("--seed", type=int, default=1,
                    help="seed of the evaluation's random draws (a VAE's prior samples) (1)")
     add_align_args(p)
+    add_stitch_args(p, prefix="stitch")
     dataset.add_data_args(p, inherit=True)
     tracking.add_tracking_args(p)
     return p
@@ -137,7 +140,7 @@ def add_derived_paths(args, loaded, session):
         if "ste" in alignment:
             print(learned_matching.summary(alignment["ste"]))
         if alignment["latent"]:
-            print(describe(alignment["latent"]))
+            print(latent.describe(alignment["latent"]))
     if args.connect == "LAYERWISE":
         start, end = dict(a.named_parameters()), dict(b.named_parameters())
         paths = {PathKey("segment", aligned=args.align): connect(a, b)}
@@ -175,14 +178,36 @@ def compare_ends(loaded, results, session):
     return differ
 
 
+def stitch_ends(args, loaded, session):
+    """--stitch: the path's two ends (a curve's with BatchNorm re-estimated, a segment's endpoints with
+    their own statistics) stitched at the bottleneck both ways, printed; the record for the report."""
+    a, b = (m.to(session.device) for m in (loaded.ends if args.connect == "CURVE" else loaded.own_ends))
+    if args.connect == "CURVE":  # points of a curve carry no BatchNorm statistics of their own
+        for m in (a, b):
+            update_bn(session.train_loader.ordered(), m, num_batches=args.bn_batches)
+    settings = stitching_settings(args)
+    points, skipped = stitch_points(a)
+    score = scorer(session)
+    ends = (score(a), score(b))
+    batches = [x for _, x in zip(range(settings.fit_batches), session.train_loader.ordered())]
+    record, _ = next(stitch_layers(a, b, select(points, skipped, "latent"), settings.map, batches, session.speed.amp,
+                                   score, ends))
+    batchnorm = ("the curve's ends with BatchNorm re-estimated once, each part keeping its end's statistics"
+                 if args.connect == "CURVE" else BATCHNORM)
+    print(f"stitched at the bottleneck (encoder A, {settings.map} map, decoder B; A: the start, B: the end), "
+          f"{batchnorm}:\n  " + "\n  ".join(describe(record, session.loss.loss_function)))
+    return {"map": settings.map, "fit_batches": settings.fit_batches, "batchnorm": batchnorm,
+            "ends": {"A": ends[0], "B": ends[1]}, **record}
+
+
 def main(args):
     """Walk the paths; returns {"paths": {PathKey: walk result}, "files": {role: path}} (under
     torchrun: on rank 0; the other ranks return None)."""
     if args.num_points < 2:
         raise UserError(f"--num_points must be at least 2 (both ends), got {args.num_points}")
     tracking.check_wandb(tracking_settings(args))
-    if args.connect == "LAYERWISE" and (args.ensemble or args.repair):
-        raise UserError("--connect LAYERWISE takes no --ensemble or --repair")
+    if args.connect == "LAYERWISE" and (args.ensemble or args.repair or args.stitch_map):
+        raise UserError("--connect LAYERWISE takes no --ensemble, --repair or --stitch")
     ends = [flag for flag in ("--init_start", "--init_end") if getattr(args, flag[2:])]
     if args.connect == "CURVE" and ends:
         raise UserError(f"--ckpt walks a trained curve, which holds its own ends: drop {' and '.join(ends)} "
@@ -238,13 +263,15 @@ def main(args):
     for key, res in results.items():
         print(summary(key.label, res, ratio if key == curve else None))
     ends_own_loss = compare_ends(loaded, results, session)
+    stitched = stitch_ends(args, loaded, session) if args.stitch_map else None
 
     config = {"flags": vars(args), **settings}
     files = reports.write_walks(
         base, walks=results, samples=samples.cpu(), loss_name=loss_name, sources=loaded.sources, config=config,
         lpips_source=settings["lpips"], length_ratio=ratio, alignment=alignment,
         extra=dict(processes=processes, walk_seconds=walk_seconds, beta=session.loss.beta,
-                   **({"ends_own_bn_test_loss": ends_own_loss} if ends_own_loss else {})), ensemble=args.ensemble)
+                   **({"ends_own_bn_test_loss": ends_own_loss} if ends_own_loss else {}),
+                   **({"stitch": stitched} if stitched else {})), ensemble=args.ensemble)
     for key in results:  # the report holds everything now
         os.remove(f"{base}-{key.name}.partial.npz")
     trackers = tracking.open_trackers(tracking_settings(args), session.out_dir, settings, "eval_curve",

@@ -5,12 +5,13 @@ import os
 import torch
 
 from aemc import architectures, speed
+from aemc.channel_maps import MAPS
 from aemc.cli import positive
 from aemc.errors import UserError
 from aemc.evaluation import Session
 from aemc.learned_matching import T_CHOICES
 from aemc.losses import LOSSES
-from aemc.settings import Alignment, Evaluation, Loss, Speed, Tracking
+from aemc.settings import Alignment, Evaluation, Loss, Speed, Stitching, Tracking
 
 
 def given(args, kind):
@@ -104,15 +105,19 @@ def allow_architecture(args):
 
 
 def add_evaluation_args(parser, lpips_help, bn_help="training batches for BatchNorm re-estimation at each point",
-                        loss=True):
-    """The flags of every evaluation script: LPIPS, BatchNorm batches, the loss (unless `loss` is
-    off), the device, the speed options and --arch."""
+                        loss=True, points=True):
+    """The flags of every evaluation script: LPIPS, BatchNorm batches and the training split's
+    batches (unless `points` is off: a script that evaluates models with their own statistics on
+    the test split only), the loss (unless `loss` is off), the device, the speed options and --arch."""
     parser.add_argument("--lpips", action="store_true", help=lpips_help)
     parser.add_argument("--lpips_weights", default=None, help="AlexNet weights file for LPIPS (see docs/usage.md)")
-    parser.add_argument("--bn_batches", type=positive(int), default=None, help=f"{bn_help} (default: all)")
-    parser.add_argument("--train_batches", type=positive(int), default=None,
-                        help="the training split's losses on its first N batches, the same at every point "
-                             "(default: all; the test split is always evaluated whole)")
+    if points:
+        parser.add_argument("--bn_batches", type=positive(int), default=None, help=f"{bn_help} (default: all)")
+        parser.add_argument("--train_batches", type=positive(int), default=None,
+                            help="the training split's losses on its first N batches, the same at every point "
+                                 "(default: all; the test split is always evaluated whole)")
+    else:
+        parser.set_defaults(bn_batches=None, train_batches=None)
     if loss:
         add_loss_args(parser)
     add_device_arg(parser)
@@ -172,3 +177,31 @@ def alignment_settings(args):
     return Alignment(method=args.align_method, restarts=args.align_restarts, seed=args.align_seed,
                      latent_signs=not args.no_latent_signs, batches=args.align_batches, steps=args.align_steps,
                      seconds=args.align_seconds, lr=args.align_lr, ste_t=args.align_ste_t, latent=args.align_latent)
+
+
+# ----------------------------------------------------------------------------- stitching
+
+MAP_HELP = ("the map between the parts, on the channels of the point (at every position of a feature map), "
+            "fitted on training batches: identity; permutation (channels paired by correlation); orthogonal "
+            "(Procrustes, no centring); affine (least squares with a bias: on a feature map a 1x1 convolution)")
+
+
+def add_stitch_args(parser, prefix=""):
+    """The stitching flags: stitch.py's own (prefix "": --map, --fit_batches), and eval_curve.py's
+    (prefix "stitch": --stitch MAP, off unless given, and --stitch_batches)."""
+    g = parser.add_argument_group("stitching")
+    if prefix:
+        g.add_argument(f"--{prefix}", dest="stitch_map", choices=MAPS, default=None, metavar="MAP",
+                       help="also stitch the two ends at the bottleneck, both ways (encoder A, map, decoder B and "
+                            f"the reverse; see stitch.py), with MAP: {MAP_HELP}")
+    else:
+        g.add_argument("--map", dest="stitch_map", choices=MAPS, default=Stitching.map,
+                       help=f"{MAP_HELP} ({Stitching.map})")
+    g.add_argument(f"--{prefix or 'fit'}_batches", dest="stitch_batches", type=positive(int),
+                   default=Stitching.fit_batches, metavar="N",
+                   help=f"training batches the map is fitted on ({Stitching.fit_batches})")
+    return g
+
+
+def stitching_settings(args):
+    return Stitching(map=args.stitch_map, fit_batches=args.stitch_batches)

@@ -23,6 +23,8 @@ and third-party code. Its modules, by job:
     alignment     weight and activation matching of hidden units
     learned_matching  permutations learned to lower the segment's loss (straight-through estimator)
     latent        a map of one latent space onto another, folded into the weights
+    stitching     model stitching: A's bottom, a fitted map, B's top; the penalty at every cut
+    channel_maps  maps between two models' activations (permutation, Procrustes, least squares)
     repair        REPAIR: a point's per-channel statistics rescaled to the ends' interpolation
     ensembles     ensembles of autoencoders scored like one model
     studies       the study's plan of stages, its state file and its table

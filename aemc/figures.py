@@ -180,6 +180,22 @@ def plot_instability(rows, path):
     _save_barrier_plot(fig, ax, "epoch K the copies were spawned at", "test loss barrier between the copies", path)
 
 
+def plot_stitching(layers, ylabel, path, title=None):
+    """The stitching penalty (test loss of the stitched model - mean of the ends') against depth, a
+    line per direction (A into B, B into A), the layers' names as ticks (as Bansal et al. 2021 plot it)."""
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(max(6, 0.6 * len(layers) + 2), 4.5), dpi=120)
+    ax = fig.subplots()
+    x = np.arange(len(layers))
+    for key, colour in zip(layers[0]["directions"] if layers else (), ("tab:blue", "tab:red")):
+        ax.plot(x, [r["directions"][key]["penalty"]["loss"] for r in layers], "-o", color=colour, markersize=4,
+                label=layers[0]["directions"][key]["label"])
+    ax.set_xticks(x, [r["layer"] for r in layers], rotation=45, ha="right", fontsize=7)
+    if title:
+        ax.set_title(title, fontsize=9)
+    _save_barrier_plot(fig, ax, "stitched after layer (deeper to the right)", ylabel, path)
+
+
 def _save_barrier_plot(fig, ax, xlabel, ylabel, path):
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)

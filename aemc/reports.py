@@ -4,7 +4,8 @@ reads a script's outputs (a study, a notebook) does it through the code that wro
 A walk (eval_curve.py) writes `<base>.json` (every per-t array, the statistics, the configuration,
 the checkpoints' SHA-256), `<base>.npz` (the arrays, named `<path name>_<metric>`), plots, and for
 each path a GIF and a strip of reconstructions. The JSON is written last: it lists the other files,
-and its presence means they are complete.
+and its presence means they are complete. A stitching (stitch.py) writes `stitch-<map>.npz`, `.md`,
+`.png` and, last, `.json`.
 """
 import os
 import re
@@ -17,6 +18,7 @@ from aemc.ensembles import GAIN
 from aemc.evaluation import VAE_OBJECTIVE
 from aemc.files import atomic_write, file_digest, output_stem, write_json
 from aemc.paths import IMAGES, PathKey
+from aemc.stitching import BATCHNORM, DIRECTIONS, PENALTY
 
 UNITS = "losses on images in [-1, 1]"
 
@@ -189,6 +191,60 @@ def write_ensembles(base, *, table, loss_name, sources, config, lpips_source=Non
               "files": {role: os.path.basename(path) for role, path in files.items()}}
     write_json(files["json"], report)  # last: its presence means everything it lists is there
     return files
+
+
+def stitch_base(out_dir, kind):
+    """The common prefix of a stitching's outputs (stitch.py): `<out_dir>/stitch-<map>`."""
+    return os.path.join(out_dir, f"stitch-{kind}")
+
+
+def write_stitch(base, *, kind, layers, maps, ends, skipped, loss_name, sources, config, lpips_source=None):
+    """A stitching's outputs (aemc.stitching.stitch_layers' records `layers` and fitted `maps`, one
+    {direction: (W, b)} per layer; the ends' test metrics {"A", "B"}; the points skipped
+    {layer: reason}): NPZ, a Markdown table, the penalty-against-depth figure, then the JSON that
+    lists them. Returns {role: file path}."""
+    files = {"npz": base + ".npz", "table": base + ".md", "plot": base + ".png"}
+    arrays = {"layers": np.asarray([r["layer"] for r in layers]), "depth": np.asarray([r["depth"] for r in layers])}
+    for d in DIRECTIONS:
+        arrays[f"penalty_{d}"] = np.asarray([r["directions"][d]["penalty"]["loss"] for r in layers])
+        for i, fitted in enumerate(maps):
+            arrays[f"weight_{d}_{i}"], arrays[f"bias_{d}_{i}"] = fitted[d]
+    with atomic_write(files["npz"]) as f:
+        np.savez(f, **arrays)
+    with atomic_write(files["table"], "w") as f:
+        f.write(stitch_table(kind, layers, ends, loss_name))
+    title = f"{os.path.basename(base)}: {kind} map ({loss_name}, images in [-1, 1])"
+    figures.plot_stitching(layers, f"test {loss_name} stitching penalty", files["plot"], title)
+    files["json"] = base + ".json"
+    report = {"config": config, "map": kind, "loss": loss_name, "units": UNITS, "penalty": PENALTY,
+              "batchnorm": BATCHNORM, "checkpoints": checkpoint_records(sources, os.path.dirname(base)),
+              "lpips_weights": lpips_source, "ends": ends, "layers": layers, "skipped": skipped,
+              "files": {role: os.path.basename(path) for role, path in files.items()}}
+    write_json(files["json"], report)  # last: its presence means everything it lists is there
+    return files
+
+
+def stitch_table(kind, layers, ends, loss_name):
+    """The Markdown table of a stitching: per layer, each direction's test loss, penalty and the
+    share of the top's variance its map leaves unexplained."""
+    lines = [f"Stitching with the {kind} map: test {loss_name} loss (images in [-1, 1]); A {ends['A']['loss']:.5f}, "
+             f"B {ends['B']['loss']:.5f}; penalty = stitched - mean of A's and B's.", "",
+             "| depth | layer | shape | " + " | ".join(f"{label}: loss | penalty | unexplained"
+                                                     for label in DIRECTIONS.values()) + " |",
+             "|---" * (3 + 3 * len(DIRECTIONS)) + "|"]
+    for r in layers:
+        cells = [f"{d['metrics']['loss']:.5f} | {d['penalty']['loss']:+.5f} | {d['unexplained']:.3f}"
+                 for d in r["directions"].values()]
+        lines.append(f"| {r['depth']} | {r['layer']} | {'x'.join(map(str, r['shape']))} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def read_stitch(path):
+    """A stitching's JSON report (write_stitch) as a dict: "layers" (in order of depth, each with its
+    "directions"), "ends", "skipped", "map", "config", ..."""
+    import json
+    with open(path) as f:
+        return json.load(f)
 
 
 def missing_outputs(record_path):

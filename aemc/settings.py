@@ -109,6 +109,13 @@ class Alignment:
 
 
 @dataclass(frozen=True)
+class Stitching:
+    """Model stitching (aemc.stitching): the map between the parts, fitted on the first N training batches."""
+    map: str = "affine"              # identity | permutation | orthogonal | affine
+    fit_batches: int = 20
+
+
+@dataclass(frozen=True)
 class Tracking:
     """Where a run is logged besides stdout and log.jsonl (aemc.tracking); not part of what it computes."""
     tensorboard: bool = False

@@ -74,8 +74,7 @@ def plan(root, settings, endpoint, curve, stage, flags):
 
 
 def stitch_report(out, stitch_map):
-    from aemc import stitching
-    return stitching.report_path(out, stitch_map)
+    return reports.stitch_base(out, stitch_map) + ".json"
 
 
 def _barrier(walk):
@@ -85,7 +84,6 @@ def _barrier(walk):
 def rows(root, settings):
     """The study's rows, one per pair, from its stages' reports; each holds its layers' rows under
     "layers"."""
-    from aemc import stitching
     results = []
     for pair in range(1, settings.pairs + 1):
         base = folder(root, pair)
@@ -119,14 +117,15 @@ def rows(root, settings):
         layerwise = reports.read_walks(reports.walk_report(os.path.join(base, "layerwise"), sources,
                                                            settings.num_points, layerwise=True)).paths
         by_group = {k.group: _barrier(w) for k, w in layerwise.items() if k.kind == "layerwise"}
-        stitched = stitching.read_report(stitch_report(os.path.join(base, "stitch"), settings.stitch_map))
+        stitched = reports.read_stitch(stitch_report(os.path.join(base, "stitch"), settings.stitch_map))
         ends_loss = (row["start_test_loss"] + row["end_test_loss"]) / 2
         row["layers"] = []
         for layer in stitched["layers"]:
+            penalty = {d: layer["directions"][d]["penalty"]["loss"] for d in ("a_into_b", "b_into_a")}
             row["layers"].append({"pair": pair, "depth": layer["depth"], "layer": layer["layer"],
-                           "stitch_a_into_b": layer["penalty_a_into_b"], "stitch_b_into_a": layer["penalty_b_into_a"],
-                           "layerwise_barrier_line": by_group.get(layer["layer"], float("nan")),
-                           "ends_test_loss": ends_loss})
+                                  "stitch_a_into_b": penalty["a_into_b"], "stitch_b_into_a": penalty["b_into_a"],
+                                  "layerwise_barrier_line": by_group.get(layer["layer"], float("nan")),
+                                  "ends_test_loss": ends_loss})
     return results
 
 

@@ -49,10 +49,13 @@ from torch.fx.passes.shape_prop import ShapeProp
 from models.symmetry_rules import PRODUCERS, PermutationSpec
 from models.symmetry_walk import Walk
 
-__all__ = ["PermutationSpec", "permutation_spec", "identity", "random_permutation", "expand", "apply_permutation"]
+__all__ = ["PermutationSpec", "permutation_spec", "default_example_shape", "identity", "random_permutation", "expand",
+           "apply_permutation"]
 
 
-def _example_shape(model):
+def default_example_shape(model):
+    """The batch shape a model is run on to derive its symmetry: two images of its config's in_channels
+    and image_size (default: the first layer's input channels, 64x64)."""
     config = getattr(model, "config", {}) or {}
     first = next(m for m in model.modules() if isinstance(m, PRODUCERS))
     channels = config.get("in_channels", first.in_features if isinstance(first, nn.Linear) else first.in_channels)
@@ -74,7 +77,7 @@ def permutation_spec(model, example_shape=None):
                          "(alignment, REPAIR, layer-wise paths) needs a model it can trace") from e
     parameter = next(model.parameters())
     model.eval()  # shapes without touching BatchNorm's statistics
-    shape = example_shape or _example_shape(model)
+    shape = example_shape or default_example_shape(model)
     try:
         ShapeProp(graph).propagate(torch.zeros(shape, device=parameter.device, dtype=parameter.dtype))
     except RuntimeError as e:

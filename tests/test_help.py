@@ -5,7 +5,7 @@ import importlib
 import pytest
 
 SCRIPTS = ["align", "bench", "check_ends", "ensemble", "eval_curve", "extract_point", "fge", "plane", "spawn",
-           "study", "train"]
+           "stitch", "study", "train"]
 
 
 @pytest.mark.parametrize("name", SCRIPTS)

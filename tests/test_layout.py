@@ -15,7 +15,7 @@ import pytest
 from conftest import ROOT
 
 SCRIPTS = ("train", "eval_curve", "check_ends", "extract_point", "plane", "align", "ensemble", "fge", "study",
-           "bench", "spawn")
+           "bench", "spawn", "stitch")
 MIDDLE = ("dataset", "trainer", "utils")  # the original's modules: they use the package, never a script
 
 
