@@ -43,7 +43,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from aemc.errors import UserError
 from aemc.losses import kl_divergence
-from models.symmetry import _example_shape
+from models.symmetry import default_example_shape
 from models.symmetry_rules import PRODUCERS, RESHAPE_METHODS, RESHAPES, shape_of
 
 MAPS = ("orthogonal", "linear")
@@ -75,7 +75,7 @@ def find_latent(model, spec, example_shape=None):
     try:
         graph = fx.symbolic_trace(model)
         parameter = next(model.parameters())
-        shape = example_shape or _example_shape(model)
+        shape = example_shape or default_example_shape(model)
         ShapeProp(graph).propagate(torch.zeros(shape, device=parameter.device, dtype=parameter.dtype))
     finally:
         model.train(was_training)
