@@ -75,6 +75,13 @@ def _rows(h):
     return h.detach().movedim(1, -1).reshape(-1, h.shape[1]).to(device, torch.float64)
 
 
+def procrustes(cross):
+    """The orthogonal R minimising ||H_a R - H_b||_F, from cross = H_a^T H_b (Schoenemann 1966):
+    U V^T of its SVD (float64 tensors)."""
+    u, _, vh = torch.linalg.svd(cross)
+    return u @ vh
+
+
 def fit(kind, moments):
     """The map of `kind` (MAPS) taking a's activations to b's: (W, b), float64 on the CPU, with the
     map h -> h W + b on the channels."""
@@ -91,9 +98,8 @@ def fit(kind, moments):
         rows, cols = linear_sum_assignment(correlation.numpy(), maximize=True)
         weight = torch.zeros_like(weight)
         weight[rows, cols] = 1.0
-    elif kind == "orthogonal":  # Procrustes (Schoenemann 1966): U V^T of the SVD of H_a^T H_b
-        u, _, vh = torch.linalg.svd(ab)
-        weight = u @ vh
+    elif kind == "orthogonal":
+        weight = procrustes(ab)
     elif kind == "affine":  # the normal equations with a bias column, the bias eliminated: centred moments
         cov_aa = aa / n - torch.outer(mean_a, mean_a)
         # least norm where a's units are collinear (dead units, units that never leave one side of

@@ -41,6 +41,7 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from aemc.channel_maps import procrustes
 from aemc.errors import UserError
 from aemc.losses import kl_divergence
 from models.symmetry import default_example_shape
@@ -182,9 +183,8 @@ def code_sums(model_a, model_b, layer, batches):
 
 def solve(gram, cross, kind):
     """T (d x d) from the sums of `code_sums`: orthogonal (Procrustes) or linear (least squares)."""
-    if kind == "orthogonal":
-        u, _, vt = np.linalg.svd(cross)
-        return (u @ vt).T
+    if kind == "orthogonal":  # Z_b R ~ Z_a with R = T^T
+        return procrustes(torch.as_tensor(cross)).numpy().T
     if kind == "linear":
         eigenvalues = np.linalg.eigvalsh(gram)
         if eigenvalues[0] <= 1e-12 * eigenvalues[-1]:
