@@ -12,7 +12,7 @@ README = os.path.join(ROOT, "README.md")
 # Size flags: the only ones the toy tour changes. A value is replaced by the toy's; a flag the
 # README's command leaves out is added where the script would otherwise run at full size.
 EPOCHS = {"100": "6", "20": "2", "8": "4"}  # --epochs E -> e, and checkpoint-E.pt -> checkpoint-e.pt
-REPLACED = {"--num_points": "3", "--grid_points": "3", "--num_members": "2"}
+REPLACED = {"--num_points": "3", "--grid_points": "3", "--num_members": "2", "--steps": "2"}
 ADDED = {  # (script, a flag the command has, or None) -> size flags added
     ("train.py", None): ["--in_filters", "4", "--latent_dim", "8"],
     ("eval_curve.py", None): ["--num_points", "3"],
@@ -26,7 +26,7 @@ ADDED = {  # (script, a flag the command has, or None) -> size flags added
     ("bench.py", None): ["--quick"],
 }
 SIZE_FLAGS = {"--epochs", "--curve_epochs", "--num_points", "--grid_points", "--num_members", "--max_images",
-              "--batch_size", "--in_filters", "--latent_dim", "--widths", "--cycle", "--losses", "--inits"}
+              "--batch_size", "--in_filters", "--latent_dim", "--widths", "--cycle", "--losses", "--inits", "--steps"}
 SIZE_SWITCHES = {"--quick"}
 
 
