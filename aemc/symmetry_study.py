@@ -81,6 +81,16 @@ def _barrier(walk):
     return walk["barriers"]["test_loss"]["barrier_line"]
 
 
+def _midpoint_rise(walk):
+    """A layer-wise path's test loss at t = 0.5 minus at t = 0 (A's): what interpolating that layer
+    alone halfway costs. Not its barrier_line: the path's end is A with B's layer in place of its own,
+    a hybrid whose own loss is high, and a loss that rises towards it never rises above the line
+    between the path's ends."""
+    ts, losses = walk["ts"], walk["test_loss"]
+    middle = min(range(len(ts)), key=lambda i: abs(ts[i] - 0.5))
+    return losses[middle] - losses[0]
+
+
 def rows(root, settings):
     """The study's rows, one per pair, from its stages' reports; each holds its layers' rows under
     "layers"."""
@@ -116,7 +126,7 @@ def rows(root, settings):
         results.append(row)
         layerwise = reports.read_walks(reports.walk_report(os.path.join(base, "layerwise"), sources,
                                                            settings.num_points, layerwise=True)).paths
-        by_group = {k.group: _barrier(w) for k, w in layerwise.items() if k.kind == "layerwise"}
+        by_group = {k.group: _midpoint_rise(w) for k, w in layerwise.items() if k.kind == "layerwise"}
         stitched = reports.read_stitch(stitch_report(os.path.join(base, "stitch"), settings.stitch_map))
         ends_loss = (row["start_test_loss"] + row["end_test_loss"]) / 2
         row["layers"] = []
@@ -124,14 +134,14 @@ def rows(root, settings):
             penalty = {d: layer["directions"][d]["penalty"]["loss"] for d in ("a_into_b", "b_into_a")}
             row["layers"].append({"pair": pair, "depth": layer["depth"], "layer": layer["layer"],
                                   "stitch_a_into_b": penalty["a_into_b"], "stitch_b_into_a": penalty["b_into_a"],
-                                  "layerwise_barrier_line": by_group.get(layer["layer"], float("nan")),
+                                  "layerwise_midpoint_rise": by_group.get(layer["layer"], float("nan")),
                                   "ends_test_loss": ends_loss})
     return results
 
 
 RESULT_COLUMNS = ("pair", "start_test_loss", "end_test_loss", *(f"{p}_barrier_line" for p, _ in PATHS),
                   "latent_folded")
-LAYER_COLUMNS = ("pair", "depth", "layer", "stitch_a_into_b", "stitch_b_into_a", "layerwise_barrier_line",
+LAYER_COLUMNS = ("pair", "depth", "layer", "stitch_a_into_b", "stitch_b_into_a", "layerwise_midpoint_rise",
                  "ends_test_loss")
 
 
@@ -172,33 +182,41 @@ def summary_tables(results, layers, confidence):
     for row in layers:
         by_layer.setdefault((row["depth"], row["layer"]), []).append(row)
     lines += ["", "Per layer, mean ± standard deviation over the pairs: the stitching penalty (the stitched model's "
-              "test loss minus the mean of the ends') in both directions, and the barrier_line of the path that "
-              "interpolates that layer alone.", "",
-              "| depth | layer | pairs | stitching penalty, A into B | B into A | layer-wise barrier_line |",
+              "test loss minus the mean of the ends') in both directions, and the layer-wise midpoint rise: the test "
+              "loss of A with that layer alone interpolated halfway to B's, minus A's.", "",
+              "| depth | layer | pairs | stitching penalty, A into B | B into A | layer-wise midpoint rise |",
               "|---|---|---|---|---|---|"]
     for (depth, layer), group in sorted(by_layer.items()):
         cells = [intervals.summary([r[c] for r in group]).cell(4)
-                 for c in ("stitch_a_into_b", "stitch_b_into_a", "layerwise_barrier_line")]
+                 for c in ("stitch_a_into_b", "stitch_b_into_a", "layerwise_midpoint_rise")]
         lines.append(f"| {int(depth)} | {layer} | {len(group)} | " + " | ".join(cells) + " |")
     lines += ["", f"Per pair: the first layer where stitching fails (its penalty, the mean of both directions, above "
               f"{FAILS:.0%} of the ends' mean test loss), the layer of the largest stitching penalty and that of the "
-              "largest layer-wise barrier.", "",
-              "| pair | stitching first fails at | largest stitching penalty at | largest layer-wise barrier at |",
+              "largest layer-wise midpoint rise.", "",
+              "| pair | stitching first fails at | largest stitching penalty at | largest layer-wise rise at |",
               "|---|---|---|---|"]
     for pair in sorted({r["pair"] for r in layers}):
         own = sorted((r for r in layers if r["pair"] == pair), key=lambda r: r["depth"])
         penalty = {r["layer"]: (r["stitch_a_into_b"] + r["stitch_b_into_a"]) / 2 for r in own}
         failing = [r["layer"] for r in own if penalty[r["layer"]] > FAILS * r["ends_test_loss"]]
-        widest = max(own, key=lambda r: penalty[r["layer"]])["layer"]
-        known = [r for r in own if r["layerwise_barrier_line"] == r["layerwise_barrier_line"]]
-        highest = max(known, key=lambda r: r["layerwise_barrier_line"])["layer"] if known else "-"
+        widest = _largest(own, lambda r: penalty[r["layer"]])
+        highest = _largest([r for r in own if r["layerwise_midpoint_rise"] == r["layerwise_midpoint_rise"]],
+                           lambda r: r["layerwise_midpoint_rise"])
         lines.append(f"| {pair} | {failing[0] if failing else 'none'} | {widest} | {highest} |")
     return lines
 
 
+def _largest(rows, value):
+    """The layer of the row with the largest value; "-" when there is none or no single largest."""
+    values = sorted((value(r) for r in rows), reverse=True)
+    if not values or (len(values) > 1 and values[0] == values[1]):
+        return "-"
+    return max(rows, key=value)["layer"]
+
+
 def plot(results, layers, path):
     """Two panels: every path's barrier_line (mean ± sd, every pair as a dot); and against depth the
-    stitching penalty in both directions and the layer-wise barrier (mean ± sd over pairs)."""
+    stitching penalty in both directions and the layer-wise midpoint rise (mean ± sd over pairs)."""
     import numpy as np
     from matplotlib.figure import Figure
     fig = Figure(figsize=(11, 4.2), dpi=120)
@@ -217,7 +235,7 @@ def plot(results, layers, path):
     order = sorted({(r["depth"], r["layer"]) for r in layers})
     for column, label, colour in (("stitch_a_into_b", "stitching penalty, A into B", "tab:orange"),
                                   ("stitch_b_into_a", "stitching penalty, B into A", "tab:green"),
-                                  ("layerwise_barrier_line", "layer-wise barrier_line", "tab:purple")):
+                                  ("layerwise_midpoint_rise", "layer-wise midpoint rise", "tab:purple")):
         values = [[r[column] for r in layers if (r["depth"], r["layer"]) == key] for key in order]
         means = [float(np.nanmean(v)) for v in values]
         spread = [float(np.nanstd(v, ddof=1)) if len(v) > 1 else 0.0 for v in values]

@@ -133,7 +133,7 @@ def test_the_symmetry_tables_are_the_pairs_values_their_intervals_and_the_layer_
         row.update({f"{n}_barrier_line": 0.1 - 0.005 * i + shift * (i % 3) for i, n in enumerate(names)})
         results.append(row)
     layers = [{"pair": p, "depth": d, "layer": f"l{d}", "stitch_a_into_b": a, "stitch_b_into_a": b,
-               "layerwise_barrier_line": w, "ends_test_loss": 0.2}
+               "layerwise_midpoint_rise": w, "ends_test_loss": 0.2}
               for p, rows in ((1, [(0.001, 0.003, 0.01), (0.03, 0.01, 0.02), (0.05, 0.07, 0.005)]),
                               (2, [(0.03, 0.02, 0.04), (0.01, 0.0, 0.01), (0.001, 0.002, 0.003)]),
                               (3, [(0.0, 0.0, 0.0), (0.001, 0.0, 0.001), (0.002, 0.001, 0.0005)]))
@@ -156,5 +156,8 @@ def test_the_symmetry_tables_are_the_pairs_values_their_intervals_and_the_layer_
     # pair 2: (0.025, 0.005, 0.0015): fails at l0, largest at l0, layer-wise largest at l0;
     # pair 3: nowhere above 0.02
     assert "| 1 | l2 | l2 | l1 |" in lines and "| 2 | l0 | l0 | l0 |" in lines and "| 3 | none | l2 | l1 |" in lines
+    # no single largest (a tie, as all-zero values give): "-"
+    tied = [dict(r, layerwise_midpoint_rise=0.0) for r in layers]
+    assert "| 1 | l2 | l2 | - |" in sym.summary_tables(results, tied, 0.95)
     a = intervals.summary([0.001, 0.03, 0.0])
     assert any(line.startswith(f"| 0 | l0 | 3 | {a.mean:.4f} ± {a.std:.4f} |") for line in lines)
