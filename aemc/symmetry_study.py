@@ -21,7 +21,7 @@ from aemc.paths import PathKey
 METHODS = (("weight", "weight matching"), ("activation", "activation matching"), ("ste", "STE matching"),
            ("latent", "latent map + weight matching"))
 PATHS = (("segment", "segment"), ("segment_repaired", "segment + REPAIR"),
-         *((m, label) for m, label in METHODS), *((f"{m}_repaired", f"{label} + REPAIR") for m, label in METHODS),
+         *(path for m, label in METHODS for path in ((m, label), (f"{m}_repaired", f"{label} + REPAIR"))),
          ("curve", "trained curve"))
 COMPARISONS = (*((m, "segment", "alignment") for m, _ in METHODS),
                ("ste", "weight", "learned against weight matching"),
@@ -228,10 +228,10 @@ def plot(results, layers, path):
         left.errorbar([i], [values.mean()], yerr=[values.std(ddof=1) if len(values) > 1 else 0], fmt="o",
                       color="tab:blue" if name == "curve" else "tab:red", capsize=3)
     left.set_xticks(range(len(names)), [_label(n) for n in names], rotation=60, ha="right", fontsize=7)
-    left.set_ylabel("test loss barrier_line (images in [-1, 1])")
+    left.set_ylabel("test loss barrier_line")
     left.axhline(0, color="black", linewidth=0.6)
     left.grid(alpha=0.3)
-    left.set_title(f"segments and the curve ({len(results)} pairs)", fontsize=9)
+    left.set_title(f"segments and the curve ({len(results)} pairs; images in [-1, 1])", fontsize=9)
     order = sorted({(r["depth"], r["layer"]) for r in layers})
     for column, label, colour in (("stitch_a_into_b", "stitching penalty, A into B", "tab:orange"),
                                   ("stitch_b_into_a", "stitching penalty, B into A", "tab:green"),
@@ -242,7 +242,7 @@ def plot(results, layers, path):
         right.errorbar(range(len(order)), means, yerr=spread, fmt="-o", color=colour, capsize=3, markersize=3,
                        label=label)
     right.set_xticks(range(len(order)), [layer for _, layer in order], rotation=60, ha="right", fontsize=7)
-    right.set_ylabel("test loss (images in [-1, 1])")
+    right.set_ylabel("test loss difference")
     right.axhline(0, color="black", linewidth=0.6)
     right.grid(alpha=0.3)
     right.legend(fontsize=7)

@@ -145,11 +145,11 @@ def test_the_symmetry_tables_are_the_pairs_values_their_intervals_and_the_layer_
         mean = sum(v) / 3
         sd = math.sqrt(sum((x - mean) ** 2 for x in v) / 2)
         assert f"| {label} | 3 | {mean:.4f} ± {sd:.4f} |" in text
-    # STE - weight: paths 4 and 2 of PATHS; d_p = (0.1 - 0.02 + s (4 % 3)) - (0.1 - 0.01 + s (2 % 3)) = -0.01 - s
-    d = [-0.01 - s for s in (0.0, 0.01, -0.004)]
+    # STE - weight: paths i and j of PATHS; d_p = (0.1 - 0.005 i + s (i % 3)) - (0.1 - 0.005 j + s (j % 3))
+    i, j = names.index("ste"), names.index("weight")
+    d = [-0.005 * (i - j) + s * (i % 3 - j % 3) for s in (0.0, 0.01, -0.004)]
     mean, sd = sum(d) / 3, math.sqrt(sum((x - sum(d) / 3) ** 2 for x in d) / 2)
     half = T_975[2] * sd / 3 ** 0.5
-    assert names.index("ste") == 4 and names.index("weight") == 2
     assert (f"| STE matching - weight matching (learned against weight matching) | {mean:+.4f} "
             f"[{mean - half:+.4f}, {mean + half:+.4f}] | 3 |") in text
     # pair 1: penalties (0.002, 0.02, 0.06): 10% of 0.2 = 0.02 is not exceeded at l1, so first fails at l2;
