@@ -194,9 +194,11 @@ def stitch_ends(args, loaded, session):
                                    score, ends))
     batchnorm = ("the curve's ends with BatchNorm re-estimated once, each part keeping its end's statistics"
                  if args.connect == "CURVE" else BATCHNORM)
-    print(f"stitched at the bottleneck (encoder A, {settings.map} map, decoder B; A: the start, B: the end), "
-          f"{batchnorm}:\n  " + "\n  ".join(describe(record, session.loss.loss_function)))
-    return {"map": settings.map, "fit_batches": settings.fit_batches, "batchnorm": batchnorm,
+    print(f"stitched at the bottleneck (encoder A, {settings.map} map fitted on {len(batches)} training batches, "
+          f"decoder B; A: the start, B: the end), {batchnorm}; the penalty is against the ends' test "
+          f"{session.loss.loss_function} with these statistics, A {ends[0]['loss']:.5f}, B {ends[1]['loss']:.5f}:\n  "
+          + "\n  ".join(describe(record, session.loss.loss_function)))
+    return {"map": settings.map, "fit_batches": len(batches), "batchnorm": batchnorm,
             "ends": {"A": ends[0], "B": ends[1]}, **record}
 
 

@@ -53,9 +53,10 @@ def main(args):
         print(f"no stitch point at {layer}: {reason}")
     score, loss_name = scorer(session), session.loss.loss_function
     ends = {"A": score(a), "B": score(b)}
-    print(f"test {loss_name} loss (images in [-1, 1]): A {ends['A']['loss']:.5f}, B {ends['B']['loss']:.5f}; "
-          f"{settings.map} maps fitted on {settings.fit_batches} training batches; {BATCHNORM}")
     batches = [x for _, x in zip(range(settings.fit_batches), session.train_loader.ordered())]
+    print(f"test {loss_name} loss (images in [-1, 1]): A {ends['A']['loss']:.5f}, B {ends['B']['loss']:.5f}; "
+          f"{settings.map} maps fitted on {len(batches)} training batches ({sum(len(x) for x in batches)} images); "
+          f"{BATCHNORM}")
     layers, maps = [], []
     for record, fitted in stitch_layers(a, b, chosen, settings.map, batches, session.speed.amp, score,
                                            (ends["A"], ends["B"])):

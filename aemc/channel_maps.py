@@ -113,11 +113,12 @@ def fit(kind, moments):
 
 
 def unexplained(moments, weight, bias):
-    """||H_a W + b - H_b||_F^2 / ||H_b - mean(H_b)||_F^2: the share of b's variance (about its mean)
-    the map leaves unexplained, from the moments (0: a perfect fit)."""
+    """||H_a W + b - H_b||_F^2 / ||H_b||_F^2, from the moments: the relative residual of the map on
+    the fitting batches (0: a perfect fit; 1: no better than mapping everything to 0). Not about
+    b's mean: a map without a bias cannot fit a mean, and a nearly constant b would blow that up."""
     n = moments.count
     sum_a, sum_b, aa, ab, bb = (t.cpu() for t in moments.terms)
     residual = ((weight.T @ aa @ weight).trace() + 2 * bias @ (weight.T @ sum_a) + n * bias @ bias
                 - 2 * (weight * ab).sum() - 2 * bias @ sum_b + bb.trace())
-    spread = bb.trace() - sum_b @ sum_b / n
-    return max(float(residual / spread), 0.0) if spread > 0 else 0.0
+    energy = bb.trace()
+    return max(float(residual / energy), 0.0) if energy > 0 else 0.0

@@ -226,10 +226,10 @@ def write_stitch(base, *, kind, layers, maps, ends, skipped, loss_name, sources,
 
 def stitch_table(kind, layers, ends, loss_name):
     """The Markdown table of a stitching: per layer, each direction's test loss, penalty and the
-    share of the top's variance its map leaves unexplained."""
+    map's relative residual ||H_a W + b - H_b||^2 / ||H_b||^2 on the fitting batches."""
     lines = [f"Stitching with the {kind} map: test {loss_name} loss (images in [-1, 1]); A {ends['A']['loss']:.5f}, "
              f"B {ends['B']['loss']:.5f}; penalty = stitched - mean of A's and B's.", "",
-             "| depth | layer | shape | " + " | ".join(f"{label}: loss | penalty | unexplained"
+             "| depth | layer | shape | " + " | ".join(f"{label}: loss | penalty | residual"
                                                      for label in DIRECTIONS.values()) + " |",
              "|---" * (3 + 3 * len(DIRECTIONS)) + "|"]
     for r in layers:

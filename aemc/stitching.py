@@ -199,6 +199,9 @@ def select(points, skipped, layers):
         return list(points)
     by_name = {p.layer: p for p in points}
     names = [name.strip() for name in layers.split(",") if name.strip()]
+    if not names or {"all", "latent"} & set(names):
+        raise UserError(f"--layers {layers!r}: give latent, all, or layer names (not with latent or all); the "
+                        f"stitch points are {', '.join(by_name)}")
     for name in names:
         if name not in by_name:
             why = f"it is skipped ({skipped[name]})" if name in skipped else "the model has no such hidden layer"
@@ -316,5 +319,5 @@ def describe(record, loss_name):
     channels, samples = record["shape"][0], record["fit_samples"]
     few = f" (fitted on only {samples} samples for {channels} channels)" if samples < 2 * channels else ""
     return [f"{record['layer']} (depth {record['depth']}, {tuple(record['shape'])}) {d['label']}: test {loss_name} "
-            f"{d['metrics']['loss']:.5f}, penalty {d['penalty']['loss']:+.5f}; the map leaves "
-            f"{d['unexplained']:.1%} of the top's variance unexplained{few}" for d in record["directions"].values()]
+            f"{d['metrics']['loss']:.5f}, penalty {d['penalty']['loss']:+.5f}; the map's relative residual on the "
+            f"fitting batches {d['unexplained']:.3f}{few}" for d in record["directions"].values()]
