@@ -35,6 +35,7 @@ from utils import (
     add_evaluation_args,
     add_stitch_args,
     alignment_settings,
+    check_align_flags,
     loss_settings,
     open_session,
     output_dir,
@@ -208,6 +209,7 @@ def main(args):
     if args.num_points < 2:
         raise UserError(f"--num_points must be at least 2 (both ends), got {args.num_points}")
     tracking.check_wandb(tracking_settings(args))
+    check_align_flags(args)
     if args.connect == "LAYERWISE" and (args.ensemble or args.repair or args.stitch_map):
         raise UserError("--connect LAYERWISE takes no --ensemble, --repair or --stitch")
     ends = [flag for flag in ("--init_start", "--init_end") if getattr(args, flag[2:])]

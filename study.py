@@ -126,6 +126,10 @@ def settings_from(args):
     if settings.kind == "grid" and settings.pairs != 1:
         raise UserError(f"--pairs: the {args.preset} preset pairs init schemes (--inits); --pairs is for the width, "
                         "instability and symmetry presets")
+    symmetry_only = [f"--{name}" for name in ("ste_steps", "latent_map", "stitch_map")
+                     if getattr(args, name) is not None]
+    if symmetry_only and settings.kind != "symmetry":
+        raise UserError(f"{', '.join(symmetry_only)}: only the symmetry preset reads them")
     if settings.kind == "grid" and len(settings.inits) < 2:
         raise UserError("--inits needs at least two init schemes: a curve joins two of them")
     return settings

@@ -37,6 +37,7 @@ from utils import (
     add_device_arg,
     add_speed_args,
     alignment_settings,
+    check_align_flags,
     given,
     resolve_device,
     speed_settings,
@@ -233,6 +234,7 @@ def build_curve(args, resume, saved, train_loader, data_shape, endpoint_objectiv
 def main(args):
     architectures.allow(args.arch)  # a factory of the user's own, named on this command line
     tracking.check_wandb(tracking_settings(args))
+    check_align_flags(args)
     device = distributed.setup(resolve_device(args.device))
     several = distributed.world() > 1
     resume = checkpoints.load(args.resume, flag="--resume") if args.resume else None

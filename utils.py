@@ -173,6 +173,15 @@ def add_align_args(parser, prefix="align_"):
     return g
 
 
+def check_align_flags(args):
+    """train.py and eval_curve.py: a method or a latent map asked for without --align would be ignored;
+    say so in one line instead."""
+    stray = [f"--align_method {args.align_method}"] if args.align_method != "weight" else []
+    stray += [f"--align_latent {args.align_latent}"] if args.align_latent else []
+    if stray and not args.align:
+        raise UserError(f"{' and '.join(stray)} take effect with --align: add --align, or drop them")
+
+
 def alignment_settings(args):
     return Alignment(method=args.align_method, restarts=args.align_restarts, seed=args.align_seed,
                      latent_signs=not args.no_latent_signs, batches=args.align_batches, steps=args.align_steps,
