@@ -9,6 +9,7 @@ training split (--bn_batches caps it to the same first batches at every t), then
 measured on the train and test splits (and LPIPS on the test split). Losses are on images in [-1, 1].
 """
 import dataclasses
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -203,6 +204,23 @@ def stitch_ends(args, loaded, session):
             "ends": {"A": ends[0], "B": ends[1]}, **record}
 
 
+def keep_other_alignments(report, args):
+    """The aligned walk's report is named for its ends and points, not for how they were aligned: a
+    finished one made with another method or latent map is not overwritten (one line, before any work)."""
+    if not args.align or not os.path.exists(report):
+        return
+    try:
+        with open(report) as f:
+            recorded = json.load(f).get("alignment") or {}
+    except (OSError, ValueError):
+        return  # not a report this can read: the walk writes its own over it, as before
+    then = (recorded.get("method"), (recorded.get("latent") or {}).get("map"))
+    if then != (args.align_method, args.align_latent):
+        raise UserError(f"{report} holds the walk aligned by {then[0]} matching"
+                        + (f" with a {then[1]} latent map" if then[1] else "")
+                        + ": walk this alignment into another --dir, or move that report away")
+
+
 def main(args):
     """Walk the paths; returns {"paths": {PathKey: walk result}, "files": {role: path}} (under
     torchrun: on rank 0; the other ranks return None)."""
@@ -224,6 +242,9 @@ def main(args):
     loaded = load_paths(args)
     session.prepare(dataset.data_settings(args, loaded.run.data), loss_settings(args, loaded.run.loss),
                     output_dir(args.dir, loaded.sources, "eval"))
+    base = os.path.join(session.out_dir, reports.walk_name(loaded.sources, args.num_points, args.align,
+                                                           layerwise=args.connect == "LAYERWISE"))
+    keep_other_alignments(base + ".json", args)
     paths, alignment = add_derived_paths(args, loaded, session)
     samples = next(iter(session.test_loader))[:args.num_images]
     template = loaded.ends[0]
@@ -234,8 +255,6 @@ def main(args):
     repairs = {key: tuple(evaluator.statistics(paths[key].weights(t)) for t in (0.0, 1.0)) for key in repaired}
     ts = np.linspace(0.0, 1.0, args.num_points)
     loss_name = session.loss.loss_function
-    base = os.path.join(session.out_dir, reports.walk_name(loaded.sources, args.num_points, args.align,
-                                                           layerwise=args.connect == "LAYERWISE"))
     print(f"walking {', '.join(key.label for key in paths)} at {args.num_points} points; loss {loss_name} on "
           f"images in [-1, 1]; BatchNorm re-estimated on {args.bn_batches or len(session.train_loader)} training "
           "batches per t")

@@ -225,3 +225,26 @@ def test_align_and_a_layerwise_walk_without_an_output_write_beside_their_checkpo
                    "--bn_batches", "1", *DATA)
     assert r.returncode == 0, r.stderr
     assert os.path.isdir(tmp_path / "eval") and os.listdir(here) == []  # beside A; nothing where it was run
+
+
+def test_a_finished_walk_aligned_another_way_is_not_overwritten(tmp_path):
+    """eval_curve.py --align names its report for the ends and the points, not the method: a report
+    made with another method or latent map stays as it is, refused in one line before any work."""
+    import json
+
+    from aemc.reports import walk_report
+    tmp = str(tmp_path)
+    _write_inputs(tmp)
+    ends = {"init_start": os.path.join(tmp, "endpoint-a-2.pt"), "init_end": os.path.join(tmp, "endpoint-b-2.pt")}
+    report = walk_report(os.path.join(tmp, "eval"), ends, 2, aligned=True)
+    os.makedirs(os.path.dirname(report))
+    with open(report, "w") as f:
+        json.dump({"alignment": {"method": "ste", "latent": None}}, f)
+    before = _digests(tmp)
+    r = run_script("eval_curve.py", "--connect", "TRIVIAL", "--init_start", ends["init_start"], "--init_end",
+                   ends["init_end"], "--num_points", "2", "--dir", os.path.join(tmp, "eval"), "--align", *SYN_DATA)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "aligned by ste matching" in lines[0] and "another --dir" in lines[0]
+    after = _digests(tmp)
+    assert {k: after.get(k) for k in before} == before  # the report, and every file present before, unchanged
