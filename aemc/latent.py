@@ -70,7 +70,8 @@ class Latent:
 
 def find_latent(model, spec, example_shape=None):
     """The Latent of `model` among `spec.hidden` (models.symmetry): the layer whose output has the
-    fewest features per sample (the first of equals), traced in evaluation mode."""
+    fewest features per sample, traced in evaluation mode; of equals (an MLP as wide as its code), the
+    first whose code is linear, else the first."""
     was_training = model.training
     model.eval()  # the evaluation graph: a VAE's code is its mean
     try:
@@ -83,8 +84,11 @@ def find_latent(model, spec, example_shape=None):
     made = {n.target: n for n in graph.graph.nodes if n.op == "call_module" and n.target in spec.hidden}
     if not made:
         return Latent(None, 0, [], {}, reason=f"{type(model).__name__} has no hidden layer")
-    node = min(made.values(), key=lambda n: (math.prod(shape_of(n)[1:]), spec.hidden.index(n.target)))
-    return _follow(graph, node)
+    fewest = min(math.prod(shape_of(n)[1:]) for n in made.values())
+    equals = sorted((n for n in made.values() if math.prod(shape_of(n)[1:]) == fewest),
+                    key=lambda n: spec.hidden.index(n.target))
+    found = [_follow(graph, n) for n in equals]
+    return next((latent for latent in found if not latent.reason), found[0])
 
 
 def _follow(graph, start):

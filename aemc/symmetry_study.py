@@ -172,6 +172,10 @@ def summary_tables(results, layers, confidence):
     for name, label in PATHS:
         values = [row[f"{name}_barrier_line"] for row in results]
         lines.append(f"| {label} | {len(values)} | {intervals.summary(values).cell(4)} |")
+    folded = sum(int(row["latent_folded"]) for row in results)
+    if folded < n:  # where the code passes through a nonlinearity, no map is folded: weight matching alone
+        lines += ["", f"The latent map was folded in {folded} of {n} pairs; in the others the code passes through a "
+                  "nonlinearity (the conv autoencoder's Tanh), so that segment is weight matching's own, signed."]
     lines += ["", f"Paired differences over the pairs: mean [{confidence:.0%} Student-t interval]; a negative "
               "difference is a lower barrier.", "", "| difference | mean [interval] | pairs | what the pairs show |",
               "|---|---|---|---|"]

@@ -161,3 +161,6 @@ def test_the_symmetry_tables_are_the_pairs_values_their_intervals_and_the_layer_
     assert "| 1 | l2 | l2 | - |" in sym.summary_tables(results, tied, 0.95)
     a = intervals.summary([0.001, 0.03, 0.0])
     assert any(line.startswith(f"| 0 | l0 | 3 | {a.mean:.4f} ± {a.std:.4f} |") for line in lines)
+    assert not any("latent map was folded" in line for line in lines)  # folded in every pair: no note
+    unfolded = sym.summary_tables([dict(r, latent_folded=float(r["pair"] == 1)) for r in results], layers, 0.95)
+    assert any(line.startswith("The latent map was folded in 1 of 3 pairs") for line in unfolded)

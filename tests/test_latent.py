@@ -178,6 +178,14 @@ def test_a_planted_latent_rotation_is_recovered(seed, method="weight"):
     assert all(torch.allclose(p, q, rtol=0, atol=1e-12) for p, q in zip(replayed.parameters(), aligned.parameters()))
 
 
+def test_of_layers_as_narrow_as_the_code_the_latent_is_the_linear_one():
+    """An MLP as wide as its code: encoder.1 (ReLU after it), encoder.3 (the code) and decoder.0 all
+    have 16 features; the latent is the code, the first of them that a map can be folded into."""
+    model = MLPAutoencoder(in_channels=1, image_size=8, hidden=16, latent_dim=16)
+    latent = find_latent(model, permutation_spec(model))
+    assert latent.layer == "encoder.3" and not latent.reason
+
+
 def test_learned_matching_after_a_latent_map_learns_on_the_folded_end_and_recovers_the_planted_case():
     """--align_method ste with --align_latent: the map is folded first, and the straight-through
     estimator gets B as folded and a spec without the latent's permutation; on the planted case
