@@ -165,6 +165,8 @@ def architecture(args, saved, data_shape):
     for key, value in flags.items():
         if key not in takes:
             raise UserError(f"--{key}: the {name} architecture takes no {key} (its arguments: {', '.join(takes)})")
+        if key in kwargs and kwargs[key] != value:
+            raise UserError(f"--{key} {value} and --arch_kwargs {key} {kwargs[key]} disagree: give it once")
         kwargs[key] = value
     return architectures.resolve(name, kwargs, data_shape)
 

@@ -141,10 +141,12 @@ def plan(root, settings):
 
 
 def _model_flags(settings, sizes=("in_filters", "latent_dim")):
-    """train.py's flags for the model: --arch and its settings, and the sizes the architecture takes."""
+    """train.py's flags for the model: --arch and its settings, and the sizes the architecture takes
+    that --arch_kwargs does not set (the preset's size would otherwise contradict the user's)."""
     from aemc import architectures
     takes = architectures.accepted(settings.arch or "conv")
-    kept = [name for name in sizes if name in takes]
+    own = set(json.loads(settings.arch_kwargs)) if settings.arch_kwargs else set()
+    kept = [name for name in sizes if name in takes and name not in own]
     return _flags(settings, ("arch", "arch_kwargs", "norm", "beta", *kept, "lr"))
 
 
