@@ -1,4 +1,6 @@
-"""Permute the hidden units of one endpoint to match another (is the barrier only a symmetry?).
+"""Permute the hidden units of one endpoint to match another, by weight or activation matching or
+learned on the segment's loss, optionally after folding in a map of its latent code (is the barrier
+only a symmetry?).
 
     python align.py --init_start A.pt --init_end B.pt --out B_aligned.pt
     python align.py --init_start A.pt --init_end B.pt --out B_aligned.pt --method activation
@@ -60,13 +62,15 @@ def main(args):
     a, b = a.to(device), b.to(device)
     aligned, record = align_to(a, b, alignment_settings(args), train_loader,
                                objective=training_objective(bck.settings, curve=False, device=device))
+    batches = [x for _, x in zip(range(args.check_batches), test_loader)]
+    if record["latent"]:  # first folded, then the permutations matched
+        print(latent.describe(record["latent"]))
     for sweep, value in enumerate(record["objective"]):
-        print(f"  {'before' if sweep == 0 else f'sweep {sweep}'}: <A, pi(B)> = {value:.6f}")
+        after = f"sweep {sweep}" if args.align_method == "weight" else f"after {args.align_method} matching"
+        print(f"  {'before' if sweep == 0 else after}: <A, pi(B)> = {value:.6f}")
     if "ste" in record:
         print(learned_matching.summary(record["ste"]))
-    batches = [x for _, x in zip(range(args.check_batches), test_loader)]
     if record["latent"]:
-        print(latent.describe(record["latent"]))
         if record["latent"].get("returned") and hasattr(b, "decode"):  # a VAE: what the fold changes
             loss = build_loss(bck.settings.loss.loss_function, bck.settings.loss.num_filters).to(device)
             record["latent"]["posterior"] = effect = latent.posterior_effect(b, aligned, batches, loss, seed=0)

@@ -150,20 +150,21 @@ def add_align_args(parser, prefix="align_"):
     g.add_argument(f"--{prefix}method", dest="align_method", choices=("weight", "activation", "ste"), default="weight",
                    help="weight matching (Git Re-Basin), activation matching on training batches, or ste: "
                         "permutations learned by the straight-through estimator to lower the segment's loss (weight)")
-    g.add_argument(f"--{prefix}restarts", dest="align_restarts", type=positive(int), default=1,
+    g.add_argument(f"--{prefix}restarts", dest="align_restarts", metavar="N", type=positive(int), default=1,
                    help="weight matching: keep the best of N random update orders (1)")
-    g.add_argument(f"--{prefix}seed", dest="align_seed", type=int, default=0, help="seed of the update orders (0)")
+    g.add_argument(f"--{prefix}seed", dest="align_seed", metavar="SEED", type=int, default=0,
+                   help="seed of the update orders (0)")
     g.add_argument("--no_latent_signs", action="store_true",
                    help="match the latent units by permutation only (default: also negate them: Tanh is odd)")
     g.add_argument("--align_batches", type=positive(int), default=20,
                    help="activation matching and the latent map: training batches read; ste: training "
                         "batches scoring each new projection's midpoint, half re-estimating BatchNorm, half measuring "
                         "the loss (20)")
-    g.add_argument(f"--{prefix}steps", dest="align_steps", type=positive(int), default=200,
+    g.add_argument(f"--{prefix}steps", dest="align_steps", metavar="N", type=positive(int), default=200,
                    help="ste: straight-through steps, one training batch each (200)")
-    g.add_argument(f"--{prefix}seconds", dest="align_seconds", type=positive(float), default=None,
+    g.add_argument(f"--{prefix}seconds", dest="align_seconds", metavar="S", type=positive(float), default=None,
                    help="ste: stop after this many seconds if the steps are not done by then (no limit)")
-    g.add_argument(f"--{prefix}lr", dest="align_lr", type=positive(float), default=1e-2,
+    g.add_argument(f"--{prefix}lr", dest="align_lr", metavar="LR", type=positive(float), default=1e-2,
                    help="ste: Adam's learning rate for the straight-through weights (1e-2)")
     g.add_argument(f"--{prefix}ste_t", dest="align_ste_t", choices=T_CHOICES, default="midpoint",
                    help="ste: the loss at the segment's midpoint, or at a t ~ U(0, 1) drawn each step (midpoint)")
