@@ -10,8 +10,8 @@ the path that interpolates that layer alone (eval_curve.py --connect LAYERWISE).
 results.csv: one row per pair, every path's barrier_line of the test loss. layers.csv: one row per
 (pair, layer). results.md: the mean and standard deviation over pairs, and the paired differences
 with Student-t intervals (aemc.intervals): each method against the raw segment, learned and latent
-matching against weight matching, REPAIR against none, the curve against the weight-matched and
-the latent-mapped segments with REPAIR.
+matching against weight matching, REPAIR against none, the curve against every aligned segment with
+REPAIR.
 """
 import os
 
@@ -28,8 +28,7 @@ COMPARISONS = (*((m, "segment", "alignment") for m, _ in METHODS),
                ("ste", "weight", "learned against weight matching"),
                ("latent", "weight", "the latent map on top of weight matching"),
                *((f"{m}_repaired", m, "REPAIR") for m in ("segment", *(m for m, _ in METHODS))),
-               ("curve", "weight_repaired", "the curve against the weight-matched, REPAIRed segment"),
-               ("curve", "latent_repaired", "the curve against the latent-mapped, REPAIRed segment"))
+               *(("curve", f"{m}_repaired", "the curve against an aligned, REPAIRed segment") for m, _ in METHODS))
 FAILS = 0.1  # stitching "fails" at a layer where its penalty exceeds this share of the ends' mean test loss
 
 
