@@ -164,3 +164,14 @@ def test_the_symmetry_tables_are_the_pairs_values_their_intervals_and_the_layer_
     assert not any("latent map was folded" in line for line in lines)  # folded in every pair: no note
     unfolded = sym.summary_tables([dict(r, latent_folded=float(r["pair"] == 1)) for r in results], layers, 0.95)
     assert any(line.startswith("The latent map was folded in 1 of 3 pairs") for line in unfolded)
+
+
+def test_the_layer_wise_midpoint_rise_is_the_loss_halfway_minus_the_start():
+    """A layer-wise path's loss at t = 0.5 minus at t = 0 (its barrier_line is 0 when the loss only
+    rises towards the hybrid end, as here: convex, ending highest)."""
+    from aemc import barriers
+    from aemc.symmetry_study import _midpoint_rise
+    ts = [0.0, 0.25, 0.5, 0.75, 1.0]
+    losses = [0.08, 0.09, 0.12, 0.2, 0.33]
+    assert _midpoint_rise({"ts": ts, "test_loss": losses}) == pytest.approx(0.12 - 0.08)
+    assert barriers.barriers(ts, losses)["barrier_line"] == 0.0  # why the study does not use it
