@@ -123,8 +123,7 @@ def write_tables(root, settings, rows):
 
     def cell(value):
         return f"{value:.4f}" if isinstance(value, float) else str(value)
-    csv = [",".join(keys)] + [",".join(f"{row[k]:.7g}" if isinstance(row[k], float) else str(row[k]) for k in keys)
-                              for row in rows]
+    csv = csv_lines(rows, keys)
     md = [CAPTION, ""]
     if settings.kind == "grid":
         md += ["| " + " | ".join(COLUMNS[k] for k in keys) + " |", "|" + "---|" * len(keys)]
@@ -140,6 +139,13 @@ def write_tables(root, settings, rows):
     return paths
 
 
+def csv_lines(rows, columns):
+    """A CSV's lines: the header, then each row's `columns`, floats to 7 significant digits."""
+    def cell(value):
+        return f"{value:.7g}" if isinstance(value, float) else str(value)
+    return [",".join(columns)] + [",".join(cell(row[c]) for c in columns) for row in rows]
+
+
 def _write_symmetry_tables(root, settings, rows):
     from aemc import symmetry_study as sym
     layers = [layer for row in rows for layer in row["layers"]]
@@ -148,8 +154,8 @@ def _write_symmetry_tables(root, settings, rows):
     md += [f"* pair {row['pair']}: `{os.path.dirname(row['report'])}`" for row in rows]
     paths = {"csv": os.path.join(root, "results.csv"), "layers_csv": os.path.join(root, "layers.csv"),
              "md": os.path.join(root, "results.md")}
-    for kind, lines in (("csv", sym.csv_lines(rows, sym.RESULT_COLUMNS)),
-                        ("layers_csv", sym.csv_lines(layers, sym.LAYER_COLUMNS)), ("md", md)):
+    for kind, lines in (("csv", csv_lines(rows, sym.RESULT_COLUMNS)),
+                        ("layers_csv", csv_lines(layers, sym.LAYER_COLUMNS)), ("md", md)):
         with atomic_write(paths[kind], "w") as f:
             f.write("\n".join(lines) + "\n")
     return paths

@@ -18,7 +18,7 @@ import os
 from aemc import intervals, reports
 from aemc.paths import PathKey
 
-# the segments of the study: (name, eval folder, path key in that walk, label)
+# the ways of undoing the symmetry: (name: also the eval-<name> folder and the CSV's column prefix, label)
 METHODS = (("weight", "weight matching"), ("activation", "activation matching"), ("ste", "STE matching"),
            ("latent", "latent map + weight matching"))
 PATHS = (("segment", "segment"), ("segment_repaired", "segment + REPAIR"),
@@ -144,12 +144,6 @@ RESULT_COLUMNS = ("pair", "start_test_loss", "end_test_loss", *(f"{p}_barrier_li
                   "latent_folded")
 LAYER_COLUMNS = ("pair", "depth", "layer", "stitch_a_into_b", "stitch_b_into_a", "layerwise_midpoint_rise",
                  "ends_test_loss")
-
-
-def csv_lines(rows, columns):
-    def cell(v):
-        return f"{v:.7g}" if isinstance(v, float) else str(v)
-    return [",".join(columns)] + [",".join(cell(row[c]) for c in columns) for row in rows]
 
 
 def layers_path(results_csv):
